@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   answer the bundled spoken question about the bundled image (downloads the released weights)
+#   make test   run the whole test suite
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CKPT    ?= checkpoint
+
+.PHONY: install test test-fast demo parity bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/omnitalk chat --checkpoint $(CKPT) --audio examples/question.wav --image examples/shapes.png --out answer.wav
+
+parity: $(STAMP)
+	$(BIN)/python -m omnitalk.testing.parity tests/fixtures/parity --manifests tests/fixtures/parity/manifests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --preset mini-omni2 --random-weights --mode all --json benchmarks/results.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,286 @@
+"""SNAC audio codec: the delay pattern, the 7-layer <-> 3-codebook layout, decoding and streaming.
+
+Nothing here knows about the LLM; audio ids are *local* (0..4095 = SNAC codes, 4096.. = specials).
+
+Layout (reference §7.2-7.3). The generation loop records 7 audio token lists, one column per step k.
+Frame f (2048 samples at 24 kHz) takes layer j's token at step f+1+j (the delay pattern), and its
+7 tokens map onto SNAC's codebooks c0 (1 code/frame), c1 (2) and c2 (4):
+
+    layer:   0      1       2       3         4         5         6
+    code:  c0[f]  c1[2f]  c2[4f]  c2[4f+1]  c1[2f+1]  c2[4f+2]  c2[4f+3]
+
+Streaming. SNAC's decoder is non-causal: measured by perturbing one frame's codes (noise off, float64,
+both the fixture SNAC and a random full-size 24 kHz SNAC) an output sample depends on frames up to
+RECEPTIVE_FIELD_SAMPLES = 4757 samples (2.32 frames) away on either side, the structural bound of the
+convolution stack. So "context" streaming decodes each chunk with CONTEXT_FRAMES = 3 frames of left
+context and holds back LOOKAHEAD_FRAMES = 3 frames (3 * 2048 = 6144 > 4757): every emitted sample then
+sees exactly the inputs it sees in a one-pass decode, and the concatenated stream equals the one-pass
+waveform up to float32 rounding. The price is 3 frames (256 ms of audio) of extra latency per chunk.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from omnitalk.errors import CheckpointError, InputError
+
+N_AUDIO_LAYERS = 7
+SAMPLES_PER_FRAME = 2048
+SNAC_SAMPLE_RATE = 24000
+CODEBOOK_SIZE = 4096
+EOA = 4096  # local `_eoa`
+PAD_A = 4097  # local `_pad_a`
+DEFAULT_SNAC = "hubertsiuzdak/snac_24khz"
+
+RECEPTIVE_FIELD_SAMPLES = 4757  # one-sided reach of a frame's codes in the decoder output (measured)
+CONTEXT_FRAMES = 3  # ceil(4757 / 2048)
+LOOKAHEAD_FRAMES = 3
+
+# frame column order of [c0 | c1 pair | c2 quad] -> layer order, and back
+_CODES_TO_LAYERS = [0, 1, 3, 4, 2, 5, 6]  # layer j = cat[:, _CODES_TO_LAYERS[j]]
+_C1_LAYERS, _C2_LAYERS = [1, 4], [2, 3, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Delay pattern and code layout (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+def frames_from_layers(layers, on_special: str = "raise") -> np.ndarray:
+    """7 recorded audio token lists (7, S) -> SNAC frames (n, 7) int64, n = max(S - 7, 0).
+
+    Frame f takes layer j's token at step f+1+j; the pre-delay tokens (steps 0..j of layer j) and the
+    tail after the last complete frame are discarded. A frame holding an id outside 0..4095 (an audio
+    special such as `_eoa`/`_pad_a`) must never reach SNAC: `on_special="raise"` raises InputError,
+    `on_special="truncate"` returns the frames before the first such frame.
+    """
+    if on_special not in ("raise", "truncate"):
+        raise ValueError(f"on_special must be 'raise' or 'truncate', got {on_special!r}")
+    a = np.asarray(layers, dtype=np.int64)  # (7, S)
+    if a.ndim != 2 or a.shape[0] != N_AUDIO_LAYERS:
+        raise InputError(f"expected 7 audio token lists of equal length (shape (7, S)), got shape {a.shape}")
+    n = max(a.shape[1] - N_AUDIO_LAYERS, 0)
+    frames = np.stack([a[j, 1 + j: 1 + j + n] for j in range(N_AUDIO_LAYERS)], axis=1)  # (n, 7)
+    bad = (frames < 0) | (frames >= CODEBOOK_SIZE)  # (n, 7)
+    if bad.any():
+        f, j = map(int, np.argwhere(bad)[0])
+        if on_special == "truncate":
+            return frames[:f]
+        raise InputError(
+            f"audio layer {j} has id {int(frames[f, j])} at step {f + 1 + j}, inside SNAC frame {f}; only "
+            f"codes 0..{CODEBOOK_SIZE - 1} can be decoded (ids >= {CODEBOOK_SIZE} are audio specials, "
+            f"e.g. _eoa={EOA}, _pad_a={PAD_A}). Use on_special='truncate' to keep the frames before it.")
+    return frames
+
+
+def frames_to_layers(frames, length: int | None = None, pad: int = PAD_A, eoa: int = EOA) -> np.ndarray:
+    """SNAC frames (n, 7) -> delayed audio token lists (7, length), the inverse of frames_from_layers.
+
+    Layer j holds `pad` at steps 0..j, frame f's token at step f+1+j (steps j+1..j+n), `eoa` at step
+    n+j+1 and `pad` after it. The default length n+7 is what the generation loop records: layer 6's
+    `_eoa` would fall at step n+7, the step that ends the loop and is not recorded. Pass length=n+8 (or
+    more; extra steps are `pad`) to include it, e.g. for training targets.
+    """
+    fr = _as_frames(frames)  # (n, 7)
+    n = fr.shape[0]
+    length = n + N_AUDIO_LAYERS if length is None else length
+    if length < n + N_AUDIO_LAYERS:
+        raise ValueError(f"length must be >= n_frames + 7 = {n + N_AUDIO_LAYERS}, got {length}")
+    out = np.full((N_AUDIO_LAYERS, length), pad, dtype=np.int64)  # (7, length)
+    for j in range(N_AUDIO_LAYERS):
+        out[j, j + 1: j + 1 + n] = fr[:, j]
+        if n + j + 1 < length:
+            out[j, n + j + 1] = eoa
+    return out
+
+
+def frames_to_codes(frames) -> list[torch.Tensor]:
+    """SNAC frames (n, 7) -> [c0 (1, n), c1 (1, 2n), c2 (1, 4n)] int64 tensors, SNAC.decode's input."""
+    fr = torch.as_tensor(_as_frames(frames))  # (n, 7)
+    return [fr[:, [0]].reshape(1, -1), fr[:, _C1_LAYERS].reshape(1, -1), fr[:, _C2_LAYERS].reshape(1, -1)]
+
+
+def codes_to_frames(codes: Sequence) -> np.ndarray:
+    """[c0 (n,) or (1, n), c1 (1, 2n), c2 (1, 4n)] (e.g. SNAC.encode's output) -> frames (n, 7) int64."""
+    if len(codes) != 3:
+        raise ValueError(f"expected 3 codebooks (SNAC 24 kHz), got {len(codes)}")
+    c0, c1, c2 = (np.asarray(torch.as_tensor(c).cpu(), dtype=np.int64).reshape(-1) for c in codes)
+    n = c0.shape[0]
+    if c1.shape[0] != 2 * n or c2.shape[0] != 4 * n:
+        raise ValueError(f"codebook lengths must be n, 2n, 4n; got {c0.shape[0]}, {c1.shape[0]}, {c2.shape[0]}")
+    cat = np.concatenate([c0.reshape(n, 1), c1.reshape(n, 2), c2.reshape(n, 4)], axis=1)  # (n, 7)
+    return cat[:, _CODES_TO_LAYERS]
+
+
+def _as_frames(frames) -> np.ndarray:
+    fr = np.asarray(torch.as_tensor(frames).cpu(), dtype=np.int64).reshape(-1, N_AUDIO_LAYERS) \
+        if len(frames) else np.zeros((0, N_AUDIO_LAYERS), np.int64)
+    return fr  # (n, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# PCM conversion
+# ---------------------------------------------------------------------------------------------
+
+def pcm_reference(x) -> np.ndarray:
+    """The official stream conversion: float -> *32768 in float64 -> int16 by truncation, no clipping."""
+    return (np.asarray(torch.as_tensor(x).cpu(), dtype=np.float64) * 32768).astype(np.int16)
+
+
+def to_pcm16(x) -> np.ndarray:
+    """Float waveform in [-1, 1] -> int16 PCM (rounded, clipped): the user-facing conversion."""
+    y = np.rint(np.asarray(torch.as_tensor(x).cpu(), dtype=np.float64) * 32768)
+    return np.clip(y, -32768, 32767).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------
+# SNAC wrapper
+# ---------------------------------------------------------------------------------------------
+
+def _identity(x):
+    return x
+
+
+class Codec:
+    """A loaded SNAC model; decodes frames (n, 7) to 24 kHz float waveforms."""
+
+    def __init__(self, model, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike = DEFAULT_SNAC, device="cpu", **hub_kwargs) -> "Codec":
+        """A local folder with config.json + pytorch_model.bin, or a Hugging Face repo id (downloaded)."""
+        from snac import SNAC
+
+        src = os.fspath(path_or_repo)
+        if os.path.exists(src) and not os.path.isdir(src):
+            raise CheckpointError(f"SNAC checkpoint {src!r} must be a folder with config.json and pytorch_model.bin")
+        if os.path.isdir(src):
+            missing = [f for f in ("config.json", "pytorch_model.bin") if not os.path.isfile(os.path.join(src, f))]
+            if missing:
+                raise CheckpointError(f"SNAC folder {src!r} lacks {', '.join(missing)}")
+        try:
+            model = SNAC.from_pretrained(src, **hub_kwargs)
+        except Exception as e:  # hub/network/state-dict errors
+            raise CheckpointError(f"cannot load SNAC from {src!r}: {e}") from e
+        return cls(model, device)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model.sampling_rate)
+
+    @contextmanager
+    def deterministic(self) -> Iterator[None]:
+        """Disable the decoder's NoiseBlocks (which add randn-scaled noise) while inside the block."""
+        from snac.layers import NoiseBlock
+
+        blocks = [m for m in self.model.modules() if isinstance(m, NoiseBlock)]
+        for b in blocks:
+            b.forward = _identity  # instance attribute shadows the class method
+        try:
+            yield
+        finally:
+            for b in blocks:
+                del b.forward
+
+    def decode(self, frames, *, noise: bool = True, seed: int | None = None) -> torch.Tensor:
+        """Frames (n, 7) of codes 0..4095 -> float32 waveform (n * 2048,) on the CPU.
+
+        noise=False disables the NoiseBlocks (deterministic output); seed, when given, is passed to
+        torch.manual_seed immediately before SNAC's decode (how the parity fixtures were made, seed 1234).
+        """
+        fr = _as_frames(frames)  # (n, 7)
+        if fr.shape[0] == 0:
+            return torch.zeros(0)
+        if fr.min() < 0 or fr.max() >= CODEBOOK_SIZE:
+            raise InputError(f"SNAC frames must hold codes 0..{CODEBOOK_SIZE - 1}; got ids {fr.min()}..{fr.max()}")
+        codes = [c.to(self.device) for c in frames_to_codes(fr)]
+        with torch.inference_mode(), (nullcontext() if noise else self.deterministic()):
+            if seed is not None:
+                torch.manual_seed(seed)
+            wav = self.model.decode(codes)  # (1, 1, n * 2048)
+        return wav.reshape(-1).float().cpu()
+
+    def encode(self, wav) -> np.ndarray:
+        """24 kHz mono float waveform (T,) -> frames (ceil(T / 2048), 7): audio as the 7 LLM layers."""
+        x = torch.as_tensor(wav, dtype=torch.float32).reshape(1, 1, -1).to(self.device)  # (1, 1, T)
+        with torch.inference_mode():
+            codes = self.model.encode(x)  # [(1, n), (1, 2n), (1, 4n)]
+        return codes_to_frames(codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+class StreamDecoder:
+    """Incremental decoder: push frames one at a time, get float32 waveform chunks back.
+
+    mode="reference" reproduces the official streamer: each run of `stride` new frames is decoded on its
+    own (audible seams) and flush() drops the partial last chunk (returns None).
+
+    mode="context" (default) emits the same chunk sizes (stride * 2048 samples) but decodes each with
+    `context_frames` earlier frames and only once `lookahead_frames` later frames have arrived, so the
+    concatenated chunks equal a one-pass decode (noise off) to float rounding; flush() emits everything
+    left, the partial last chunk included. Chunks arrive `lookahead_frames` frames later than in the
+    reference mode.
+    """
+
+    def __init__(self, codec: Codec, stride: int = 4, mode: str = "context",
+                 context_frames: int = CONTEXT_FRAMES, lookahead_frames: int = LOOKAHEAD_FRAMES,
+                 seed: int | None = None, noise: bool = True):
+        if mode not in ("reference", "context"):
+            raise ValueError(f"mode must be 'reference' or 'context', got {mode!r}")
+        if stride < 1 or context_frames < 0 or lookahead_frames < 0:
+            raise ValueError("stride must be >= 1, context_frames and lookahead_frames >= 0")
+        self.codec, self.stride, self.mode = codec, stride, mode
+        self.context = context_frames if mode == "context" else 0
+        self.lookahead = lookahead_frames if mode == "context" else 0
+        self.seed, self.noise = seed, noise
+        self.frames: list[np.ndarray] = []  # every frame pushed, each (7,)
+        self.emitted = 0  # frames whose samples have been returned
+
+    def push(self, frame_row) -> list[torch.Tensor]:
+        """Add one frame (7 codes); return the chunks (each (stride * 2048,)) that became ready."""
+        row = np.asarray(frame_row, dtype=np.int64).reshape(N_AUDIO_LAYERS)
+        if row.min() < 0 or row.max() >= CODEBOOK_SIZE:
+            raise InputError(f"frame {len(self.frames)} holds ids {row.tolist()}; only codes 0..{CODEBOOK_SIZE - 1} reach SNAC")
+        self.frames.append(row)
+        chunks = []
+        while len(self.frames) - self.lookahead - self.emitted >= self.stride:
+            chunks.append(self._emit(self.emitted + self.stride))
+        return chunks
+
+    def extend(self, frames) -> list[torch.Tensor]:
+        """push() every row of frames (n, 7)."""
+        return [c for row in _as_frames(frames) for c in self.push(row)]
+
+    def flush(self) -> torch.Tensor | None:
+        """End of stream. context: the remaining samples (None if none); reference: None (tail dropped)."""
+        if self.mode == "reference" or self.emitted == len(self.frames):
+            return None
+        return self._emit(len(self.frames))
+
+    def _emit(self, end: int) -> torch.Tensor:
+        """Decode and return the samples of frames [emitted, end)."""
+        start = self.emitted
+        lo = max(start - self.context, 0)
+        hi = min(end + self.lookahead, len(self.frames))
+        wav = self.codec.decode(np.stack(self.frames[lo:hi]), noise=self.noise, seed=self.seed)  # ((hi-lo)*2048,)
+        self.emitted = end
+        return wav[(start - lo) * SAMPLES_PER_FRAME:(end - lo) * SAMPLES_PER_FRAME]
+
+
+def boundary_error(codec: Codec, frames, mode: str = "context", stride: int = 4, **stream_kwargs) -> float:
+    """Max |streamed - one-pass| over the streamed samples, noise off (reference mode drops its tail)."""
+    frames = _as_frames(frames)
+    sd = StreamDecoder(codec, stride=stride, mode=mode, noise=False, **stream_kwargs)
+    chunks = sd.extend(frames)
+    tail = sd.flush()
+    streamed = torch.cat(chunks + ([tail] if tail is not None else []) + [torch.zeros(0)])
+    full = codec.decode(frames, noise=False)
+    return float((streamed - full[:streamed.numel()]).abs().max()) if streamed.numel() else 0.0

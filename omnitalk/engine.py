@@ -1,0 +1,322 @@
+"""OmniModel: the loaded system (LLM, Whisper, CLIP, SNAC, tokenizer) and its public API.
+
+    model = OmniModel.from_pretrained("checkpoint/")           # or a hub repo id
+    for chunk in model.stream(audio="question.wav"):            # speech in, speech + text out
+        play(chunk.audio); print(chunk.text, end="")
+    reply = model.generate(text="What is the capital of France?", reply="text")
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from omnitalk import audio as audio_io
+from omnitalk import checkpoint as ckpt_io
+from omnitalk import prompts as P
+from omnitalk import vision
+from omnitalk.codec import SAMPLES_PER_FRAME, Codec, StreamDecoder, frames_from_layers, pcm_reference, to_pcm16
+from omnitalk.config import Config
+from omnitalk.errors import CheckpointError, InputError
+from omnitalk.generate import Sampling, Step, decode
+from omnitalk.model.clip import VisionTransformer, infer_vision_dims, load_clip_vision
+from omnitalk.model.llm import OmniLM
+from omnitalk.model.whisper import AudioEncoder, encode as whisper_encode, load_whisper_encoder
+from omnitalk.tokenizer import StreamingText, TextTokenizer
+from omnitalk.tokens import TokenLayout
+
+log = logging.getLogger("omnitalk")
+
+REPLIES = ("speech", "text")
+
+
+@dataclass
+class Request:
+    """What the model is asked: built from the inputs, then decoded."""
+    mode: str                   # 'text', 'speech' or 'pair' (generate.decode)
+    prompts: list[P.Prompt]
+    features: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def speaks(self) -> bool:
+        return self.mode != "text"
+
+
+@dataclass
+class StreamChunk:
+    audio: np.ndarray  # int16 PCM, 24 kHz mono (empty when this chunk carries only text)
+    text: str          # text delta
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: np.ndarray              # (1, S) text ids or (8, S): 7 audio rows (local ids) + text
+    frames: np.ndarray | None = None  # (n, 7) SNAC frames of the spoken answer
+    waveform: np.ndarray | None = None  # float32, 24 kHz
+    sample_rate: int = 24000
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but this PyTorch build sees no CUDA GPU; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device type {dev.type!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
+class OmniModel:
+    def __init__(self, cfg: Config, lm: OmniLM, whisper: AudioEncoder, clip: VisionTransformer | None,
+                 codec: Codec | None, tokenizer: TextTokenizer, device: torch.device):
+        self.cfg, self.lm, self.whisper, self.clip, self.codec = cfg, lm, whisper, clip, codec
+        self.tokenizer, self.device = tokenizer, device
+        self.layout = TokenLayout.from_config(cfg)
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path = "checkpoint", device=None,
+                        dtype: torch.dtype = torch.float32, download: bool = True) -> "OmniModel":
+        """Load a checkpoint directory (official layout or ours); download what is missing.
+
+        A hub repo id ("gpt-omni/mini-omni2") downloads into the hub cache; a directory that lacks files
+        is completed from the hub unless `download=False` or HF_HUB_OFFLINE=1, in which case the error
+        lists each missing file and the command that fetches it.
+        """
+        dev = resolve_device(device)
+        path = Path(path_or_repo_id)
+        if not path.exists() and "/" in str(path_or_repo_id) and not str(path_or_repo_id).startswith((".", "/")):
+            from huggingface_hub.constants import HF_HUB_CACHE
+            path = Path(HF_HUB_CACHE) / "omnitalk" / str(path_or_repo_id).replace("/", "--")
+            if ckpt_io.missing_files(path) and download and not ckpt_io.is_offline():
+                ckpt_io.download(path, repo_id=str(path_or_repo_id))
+        elif ckpt_io.missing_files(path) and download and not ckpt_io.is_offline():
+            ckpt_io.download(path)
+        ckpt_io.require_files(path)
+        cfg = Config.from_file(path / "model_config.yaml")
+        tokenizer = TextTokenizer(path / "tokenizer.json")
+        if (path / ckpt_io.OURS).is_file():
+            parts, meta = ckpt_io.read_ours(path)
+            lm = ckpt_io.load_llm(path, cfg, dev, dtype, state_dict=parts["llm"])
+            whisper = load_whisper_encoder({"dims": json.loads(meta["whisper_dims"]), "model_state_dict":
+                                            {f"encoder.{k}": v for k, v in parts["whisper"].items()}}, dev)
+            clip = _clip_from_state_dict(parts["clip"], dev) if parts["clip"] else None
+        else:
+            lm = ckpt_io.load_llm(path, cfg, dev, dtype)
+            if lm.tied_head_equal is False:
+                log.info("lit_model.pth: lm_head.weight differs from transformer.wte.weight; using wte as the "
+                         "output head, as the reference does (tie_word_embeddings)")
+            whisper = load_whisper_encoder(path / "small.pt", dev)
+            clip_file = next((path / f for f in ckpt_io.CLIP_FILES if (path / f).is_file()), None)
+            clip = None if clip_file is None else (
+                _clip_from_state_dict(_read_safetensors(clip_file), dev) if clip_file.suffix == ".safetensors"
+                else load_clip_vision(clip_file, dev))
+        snac_dir = path / "snac"
+        codec = Codec.from_pretrained(snac_dir if snac_dir.is_dir() else ckpt_io.SNAC_REPO_ID, dev)
+        return cls(cfg, lm, whisper, clip, codec, tokenizer, dev)
+
+    # ---- encoders -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def audio_features(self, audio, sr: int | None = None) -> torch.Tensor:
+        """Speech (path, file bytes, or float array with `sr`) -> adapter output (L, C), 50 per second."""
+        x = audio_io.load_audio(audio, sr=sr)
+        audio_io.check_duration(x)
+        L = audio_io.num_whisper_frames(len(x))
+        mel = audio_io.log_mel_spectrogram(x)
+        feats = whisper_encode(self.whisper, mel)[0, :L]  # (L, d_whisper)
+        return self.lm.whisper_adapter(feats.to(self.lm.act_dtype))
+
+    @torch.inference_mode()
+    def image_features(self, image) -> torch.Tensor:
+        """Image (path, bytes, PIL) -> adapter output (50, C)."""
+        if self.clip is None:
+            raise CheckpointError("this checkpoint has no CLIP weights (ViT-B-32.pt); run `omnitalk download`")
+        img = vision.load_image(image, convert_rgb=False)  # CLIP resizes before converting to RGB
+        x = vision.preprocess_image(img, size=self.clip.dims.image_resolution).unsqueeze(0).to(self.device)
+        feats = self.clip(x)[0]  # (50, d_clip)
+        return self.lm.vision_adapter(feats.to(self.lm.act_dtype))
+
+    # ---- requests -----------------------------------------------------------------------
+    def request(self, *, audio=None, image=None, text: str | None = None, reply: str = "speech",
+                task: str = "qa", strategy: str = "pair", sr: int | None = None) -> Request:
+        """Inputs -> prompts + features. task 'qa' answers, 'asr' transcribes the audio.
+
+        strategy 'pair' (default for spoken replies) runs the release's batch-parallel decoding: the
+        text-only branch leads the words; 'single' runs one 8-stream sequence (T1A2/A1A2 as released).
+        """
+        if reply not in REPLIES:
+            raise InputError(f"reply must be one of {REPLIES}, got {reply!r}")
+        if strategy not in ("pair", "single"):
+            raise InputError(f"strategy must be 'pair' or 'single', got {strategy!r}")
+        if task not in ("qa", "asr"):
+            raise InputError(f"task must be 'qa' or 'asr', got {task!r}")
+        if audio is None and image is None and not text:
+            raise InputError("nothing to answer: give audio, an image or text")
+        if task == "asr" and (audio is None or image is not None or text):
+            raise InputError("transcription takes audio alone")
+        L = self.layout
+        speak = reply == "speech" and task != "asr"
+        ids = self.tokenizer.encode(text) if text else []
+        features = []
+        if audio is not None:
+            a = self.audio_features(audio, sr=sr)
+        if image is not None:
+            v = self.image_features(image)
+            features.append((1, v))
+            if audio is not None:
+                build, args = P.image_speech_prompt, dict(n_frames=a.size(0), n_image=v.size(0), text_ids=ids)
+                features.append((v.size(0) + 2, a))
+            else:
+                build, args = P.image_text_prompt, dict(text_ids=ids, n_image=v.size(0))
+        elif audio is not None:
+            build, args = P.speech_prompt, dict(n_frames=a.size(0), task=task, text_ids=ids)
+            features.append((1, a))
+        else:
+            build, args = P.text_prompt, dict(text_ids=ids)
+        if not speak:
+            return Request("text", [build(L, speak=False, **args)], features)
+        if strategy == "single":
+            return Request("speech", [build(L, speak=True, **args)], features)
+        return Request("pair", P.batch_pair(L, build, **args), features)
+
+    def _check_length(self, req: Request) -> None:
+        T = req.prompts[0].length
+        if T >= self.cfg.block_size:
+            raise InputError(f"the input takes {T} positions but the model's context is {self.cfg.block_size}; "
+                             "shorten the text or audio")
+
+    def steps(self, req: Request, max_tokens: int = 2048, sampling: Sampling = Sampling(),
+              margins: bool = False) -> Iterator[Step]:
+        """The recorded decoding steps of a request (see generate.decode for the rules)."""
+        self._check_length(req)
+        return decode(self.lm, self.layout, req.prompts, req.features, req.mode, max_tokens, sampling,
+                      margins=margins)
+
+    @torch.inference_mode()
+    def prefill_logits(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the last prompt position of every item: text (B, Vt), audio (B, 7, Va)."""
+        self._check_length(req)
+        self.lm.clear_cache()
+        ids = torch.as_tensor(np.stack([p.ids for p in req.prompts]), device=self.device)
+        feats = [(p, f.expand(len(req.prompts), -1, -1)) for p, f in req.features]
+        h = self.lm.forward_hidden(self.lm.embed(ids, feats), 0)[:, -1]
+        return self.lm.text_logits(h).float(), self.lm.audio_logits(h).float()
+
+    # ---- streaming ----------------------------------------------------------------------
+    def stream(self, req: Request | None = None, *, max_tokens: int = 2048, sampling: Sampling = Sampling(),
+               stream_mode: str = "context", stride: int = 4, snac_seed: int | None = None,
+               snac_noise: bool = True, **inputs) -> Iterator[StreamChunk]:
+        """Yield (int16 PCM chunk, text delta) as the answer is generated.
+
+        stream_mode 'context' (default): each chunk is decoded with codec context so the concatenated
+        audio equals a one-pass decode; the last partial chunk is flushed; text deltas never split a
+        UTF-8 character. 'reference': the release's chunks exactly (frames decoded `stride` at a time
+        on their own, no clipping, last partial chunk and its text dropped, per-chunk text decode).
+        """
+        if stream_mode not in ("context", "reference"):
+            raise InputError(f"stream_mode must be 'context' or 'reference', got {stream_mode!r}")
+        req = req or self.request(**inputs)
+        reference = stream_mode == "reference"
+        layout, empty = self.layout, np.zeros(0, np.int16)
+        texts: list[int] = []
+        text_done = False            # `_eot` seen: later text ids are not part of the answer
+        text_sent = 0                # reference mode: index of the next text id to decode
+        live = StreamingText(self.tokenizer)
+        layers: list[list[int]] = [[] for _ in range(layout.n_audio_layers)]
+        codec_stream = StreamDecoder(self.codec, stride, stream_mode, seed=snac_seed, noise=snac_noise) \
+            if req.speaks else None
+        audio_ok = True
+
+        def reference_text() -> str:  # the release: decode the new ids, cut at `_eot`, nothing after it
+            nonlocal text_sent
+            if text_sent == -1:
+                return ""
+            new = texts[text_sent:]
+            text_sent = len(texts)
+            if layout.eot in new:
+                new, text_sent = new[:new.index(layout.eot)], -1
+            return self.tokenizer.decode(new) if new else ""
+
+        for k, step in enumerate(self.steps(req, max_tokens, sampling)):
+            texts.append(step.text)
+            if step.text == layout.eot:
+                text_done = True
+            elif not reference and not text_done:
+                delta = live.push([step.text])  # text goes out as soon as it is whole
+                if delta:
+                    yield StreamChunk(empty, delta)
+            if codec_stream is None:
+                continue
+            for j, tok in enumerate(step.audio):
+                layers[j].append(tok)
+            f = k - layout.n_audio_layers  # the frame whose layer-6 token arrived at this step
+            if f < 0 or not audio_ok:
+                continue
+            frame = [layers[j][f + 1 + j] for j in range(layout.n_audio_layers)]
+            if max(frame) >= layout.codebook_size:
+                if reference:
+                    raise InputError(f"frame {f} holds an audio special id ({frame}); the release would index "
+                                     "past the SNAC codebook here")
+                audio_ok = False  # the model broke its own audio; keep the text, stop the speech
+                continue
+            for chunk in codec_stream.push(frame):
+                if reference:
+                    yield StreamChunk(pcm_reference(chunk.numpy()), reference_text())
+                else:
+                    yield StreamChunk(to_pcm16(chunk.numpy()), "")
+        if reference:
+            return
+        tail = codec_stream.flush() if codec_stream is not None else None
+        rest = live.flush()
+        if tail is not None or rest:
+            yield StreamChunk(to_pcm16(tail.numpy()) if tail is not None else empty, rest)
+
+    # ---- whole answers ------------------------------------------------------------------
+    def generate(self, req: Request | None = None, *, max_tokens: int = 2048, sampling: Sampling = Sampling(),
+                 decode_audio: bool = True, snac_seed: int | None = None, snac_noise: bool = True,
+                 **inputs) -> Reply:
+        """Run a request to the end: text, recorded tokens, SNAC frames and the one-pass waveform."""
+        req = req or self.request(**inputs)
+        steps = list(self.steps(req, max_tokens, sampling))
+        texts = [s.text for s in steps]
+        cut = texts.index(self.layout.eot) if self.layout.eot in texts else len(texts)
+        text = self.tokenizer.decode(texts[:cut]).strip()
+        if not req.speaks:
+            return Reply(text, np.asarray([texts], dtype=np.int64))
+        tokens = np.asarray([[s.audio[j] for s in steps] for j in range(self.layout.n_audio_layers)] + [texts],
+                            dtype=np.int64)
+        frames = frames_from_layers(tokens[:-1], on_special="truncate")
+        wav = None
+        if decode_audio and len(frames):
+            wav = self.codec.decode(frames, noise=snac_noise, seed=snac_seed).numpy()
+        return Reply(text, tokens, frames, wav)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        sd = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({e}); delete it and run `omnitalk download`") from None
+    return {k.removeprefix("visual."): v for k, v in sd.items()}
+
+
+def _clip_from_state_dict(sd: dict[str, torch.Tensor], device) -> VisionTransformer:
+    from omnitalk.checkpoint import check_state_dict
+    with torch.device("meta"):
+        clip = VisionTransformer(infer_vision_dims(sd))
+    check_state_dict(sd, clip.state_dict(), "CLIP weights")
+    clip.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return clip.to(device).eval()

@@ -1,0 +1,146 @@
+"""Decoding loops: text-only, single 8-stream, and the batch-parallel pair; sampling; stop rules.
+
+A loop yields one `Step` per recorded step, exactly as the release records them:
+- step 0 comes from the prefill and is always recorded;
+- text-only loop: a step whose text token is `_eot` ends the loop and is not recorded;
+- speech loops: once `_eot` was recorded, later text tokens are forced to `_pad_t`; a step whose
+  layer-6 audio token is `_eoa` ends the loop and is not recorded;
+- at most `max_tokens` steps are recorded.
+In the pair loop audio comes from item 0 (asked to speak) and text from item 1 (text only); both items
+are fed that text token, item 0 its own audio and item 1 `_pad_a`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from omnitalk.model.llm import OmniLM
+from omnitalk.prompts import Prompt
+from omnitalk.tokens import TokenLayout
+
+
+@dataclass
+class Sampling:
+    """temperature 0 (or top_k 1) = greedy. The release's defaults (0.9, top_k 1) are greedy too."""
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (N, V) -> ids (N,). top-k, then temperature, then top-p (nucleus), then multinomial."""
+    if s.greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k is not None and s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+@dataclass
+class Step:
+    text: int                     # absolute text id as recorded (after `_pad_t` forcing)
+    audio: list[int] | None = None  # 7 local audio ids (speech loops), None for text-only loops
+    margins: list[float] | None = None  # top-1 minus top-2 logit per sampled slice (7 audio, text)
+
+
+def _margins(logits: torch.Tensor) -> list[float]:
+    top2 = torch.topk(logits.float(), 2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]).reshape(-1).tolist()
+
+
+MODES = ("text", "speech", "pair")
+
+
+@torch.inference_mode()
+def decode(lm: OmniLM, layout: TokenLayout, prompts: list[Prompt], features: list[tuple[int, torch.Tensor]],
+           mode: str, max_tokens: int, sampling: Sampling = Sampling(), start_pos: int = 0,
+           margins: bool = False) -> Iterator[Step]:
+    """Run one request. `features`: (position, (n, C) adapter output) pairs, the same for every item.
+
+    mode 'text' / 'speech' take one prompt, 'pair' takes [speaking prompt, text-only prompt].
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    B = 2 if mode == "pair" else 1
+    if len(prompts) != B:
+        raise ValueError(f"mode {mode!r} needs {B} prompt(s), got {len(prompts)}")
+    T = prompts[0].length
+    if any(p.length != T for p in prompts):
+        raise ValueError("the prompts of a pair must have the same length")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    ctx = lm.cfg.block_size
+    if start_pos + T >= ctx:
+        raise ValueError(f"the prompt has {T} positions but the model's context is {ctx}; "
+                         "shorten the input (text or audio)")
+    max_tokens = min(max_tokens, ctx - start_pos - T)  # the last recorded step is never fed back
+
+    device = lm.transformer.wte.weight.device
+    gen = None
+    if sampling.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    if start_pos == 0:
+        lm.setup_cache(B, T + max_tokens)
+
+    ids = torch.as_tensor(np.stack([p.ids for p in prompts]), device=device)  # (B, 8, T)
+    feats = [(p, f.to(device).expand(B, -1, -1)) for p, f in features]
+    h = lm.forward_hidden(lm.embed(ids, feats), start_pos)[:, -1]  # (B, C)
+    pos = start_pos + T
+
+    n_audio = layout.n_audio_layers
+    offsets = torch.tensor([layout.audio_offset(j) for j in range(n_audio)], device=device)
+    pad_audio = offsets + layout.pad_a                                      # (7,) absolute `_pad_a`
+    nxt = torch.empty(B, layout.n_streams, 1, dtype=torch.long, device=device)
+    text_end = False
+    for k in range(max_tokens):
+        if mode == "text":
+            t_logits = lm.text_logits(h)
+            text = int(sample(t_logits, sampling, gen)[0])
+            if k > 0 and text == layout.eot:
+                return
+            yield Step(text, margins=_margins(t_logits) if margins else None)
+            nxt[0, :n_audio, 0] = pad_audio
+        else:
+            a_logits = lm.audio_logits(h[0])                                # (7, Va), item 0
+            t_logits = lm.text_logits(h[B - 1:B])                           # (1, Vt), item 1 in a pair
+            audio = sample(a_logits, sampling, gen)                         # (7,) local ids
+            text = int(sample(t_logits, sampling, gen)[0])
+            if k > 0:
+                if text_end:
+                    text = layout.pad_t
+                if int(audio[-1]) == layout.eoa:
+                    return
+                if text == layout.eot:
+                    text_end = True
+            yield Step(text, audio.tolist(), _margins(a_logits) + _margins(t_logits) if margins else None)
+            nxt[0, :n_audio, 0] = audio + offsets
+            if mode == "pair":
+                nxt[1, :n_audio, 0] = pad_audio
+        if k == max_tokens - 1:
+            return
+        nxt[:, n_audio, 0] = text
+        h = lm.forward_hidden(lm.embed(nxt), pos)[:, -1]
+        pos += 1

@@ -1,0 +1,198 @@
+"""The Mini-Omni2 language model: a Qwen2-style decoder reading and writing 8 token streams.
+
+Parameter names follow the released `lit_model.pth` so the file loads as it is.
+Shapes: B batch, T positions, C = n_embd, nh query heads, ng key/value heads (groups), hs head size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from omnitalk.config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # the reference normalises in fp32
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.to(dtype) * self.weight
+
+
+class GatedMLP(nn.Module):
+    """proj(silu(fc_1 x) * fc_2 x): the LLM's SwiGLU and both adapters (litgpt's LLaMAMLP)."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.fc_1 = nn.Linear(d_in, d_hidden, bias=False)
+        self.fc_2 = nn.Linear(d_in, d_hidden, bias=False)
+        self.proj = nn.Linear(d_hidden, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+def rope_cache(n_pos: int, head_size: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary tables (n_pos, hs) in fp32, angles duplicated over both halves."""
+    theta = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), theta).repeat(1, 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, h, T, hs); cos/sin: (T, hs)
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for the ng shared heads only, for `max_len` positions."""
+
+    def __init__(self, batch: int, n_groups: int, max_len: int, head_size: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_groups, max_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, ng, T, hs) written at [pos, pos+T); returns the filled prefix (B, ng, pos+T, hs)
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.nh, self.ng, self.hs = cfg.n_head, cfg.n_query_groups, cfg.head_size
+        # litgpt's grouped layout: per group, its nh/ng query heads, then one key and one value head
+        self.attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.ng) * self.hs, bias=cfg.add_qkv_bias)
+        self.proj = nn.Linear(self.nh * self.hs, cfg.n_embd, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_per_kv = self.nh // self.ng
+        qkv = self.attn(x).view(B, T, self.ng, q_per_kv + 2, self.hs)
+        q = qkv[:, :, :, :q_per_kv].reshape(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = qkv[:, :, :, q_per_kv].transpose(1, 2)                                 # (B, ng, T, hs)
+        v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)                             # (B, ng, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(pos, k, v)
+        S = k.size(2)  # keys visible: everything cached so far
+        if T == 1:
+            mask, causal = None, False
+        elif S == T:
+            mask, causal = None, True
+        else:  # a chunk appended after cached positions (multi-turn): causal within the chunk
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           scale=1.0 / math.sqrt(self.hs), enable_gqa=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm_1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg.n_embd, cfg.intermediate_size, cfg.n_embd)
+
+    def forward(self, x, cos, sin, pos):
+        x = x + self.attn(self.norm_1(x), cos, sin, pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class OmniLM(nn.Module):
+    """Decoder over 8 streams: embeddings summed and divided by 8, one tied head sliced per stream."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        # registration order = the released state dict's order
+        self.whisper_adapter = GatedMLP(cfg.whisper_adapter_dim, cfg.intermediate_size, C)
+        self.lm_head = nn.Linear(C, cfg.padded_vocab_size, bias=False)
+        self.vision_adapter = GatedMLP(cfg.vision_adapter_dim, cfg.intermediate_size, C)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, C),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=RMSNorm(C, cfg.norm_eps),
+        ))
+        # tie_word_embeddings: the output head *is* the embedding table (quirk Q3: the file's separate
+        # lm_head.weight is overwritten at load by the reference, so we never use it)
+        self.lm_head.weight = self.transformer.wte.weight
+        cos, sin = rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ---- KV cache -----------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Allocate caches for `max_len` positions (<= block_size), only the ng key/value heads."""
+        if max_len > self.cfg.block_size:
+            raise ValueError(f"{max_len} positions exceed the model's context of {self.cfg.block_size}")
+        w = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch, self.cfg.n_query_groups, max_len, self.cfg.head_size,
+                                          self.act_dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.transformer.ln_f.weight.dtype
+
+    # ---- forward pieces -----------------------------------------------------------------
+    def embed(self, ids: torch.Tensor, features: list[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
+        """ids (B, S, T) absolute -> (B, T, C).
+
+        `features`: (start, F) with F (B, n, C) adapter outputs; positions start..start+n-1 of every
+        audio row take F instead of their token embedding (the text row keeps its own).
+        """
+        emb = self.transformer.wte(ids)  # (B, S, T, C)
+        n_audio = ids.size(1) - 1
+        for start, f in features:
+            emb[:, :n_audio, start:start + f.size(1)] = f.to(emb.dtype).unsqueeze(1)
+        x = emb[:, 0]
+        for s in range(1, ids.size(1)):  # sum in stream order, as the reference does
+            x = x + emb[:, s]
+        return x / ids.size(1)
+
+    def forward_hidden(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x (B, T, C) at absolute positions pos..pos+T-1 -> final hidden states (B, T, C) after ln_f."""
+        T = x.size(1)
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"position {pos + T} exceeds the model's context of {self.cfg.block_size}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        for block in self.transformer.h:
+            x = block(x, cos, sin, pos)
+        return self.transformer.ln_f(x)
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., C) -> (..., text_vocab_size)."""
+        return F.linear(h, self.lm_head.weight[: self.cfg.text_vocab_size])
+
+    def audio_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., C) -> (..., n_audio_layers, audio_vocab_size), local ids per layer."""
+        logits = F.linear(h, self.lm_head.weight[self.cfg.text_vocab_size:])
+        return logits.unflatten(-1, (self.cfg.n_audio_layers, self.cfg.audio_vocab_size))
+
+    def forward(self, ids: torch.Tensor, pos: int = 0, features=()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full logits for every position: text (B, T, Vt), audio (B, T, 7, Va). For tests/training."""
+        h = self.forward_hidden(self.embed(ids, features), pos)
+        return self.text_logits(h), self.audio_logits(h)

@@ -1,0 +1,166 @@
+"""Whisper audio encoder (OpenAI whisper's `AudioEncoder`, same module names and math) and its loader."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omnitalk.errors import CheckpointError, InputError
+
+
+@dataclass(frozen=True)
+class WhisperDims:
+    n_mels: int  # 80
+    n_audio_ctx: int  # 1500 encoder frames (20 ms each)
+    n_audio_state: int  # width d
+    n_audio_head: int
+    n_audio_layer: int
+
+    @classmethod
+    def from_dict(cls, dims: Mapping) -> "WhisperDims":
+        """From a checkpoint's `dims` dict; the text (decoder) keys are ignored."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in dims]
+        if missing:
+            raise CheckpointError(f"whisper checkpoint 'dims' lacks {missing}; found {sorted(dims)}")
+        d = cls(**{n: int(dims[n]) for n in names})
+        if min(dataclasses.astuple(d)) <= 0 or d.n_audio_state % d.n_audio_head:
+            raise CheckpointError(f"invalid whisper dims {d}: sizes must be positive and "
+                                  "n_audio_state divisible by n_audio_head")
+        return d
+
+
+def whisper_dims_small() -> WhisperDims:
+    """Dims of Whisper small, the encoder Mini-Omni2 uses."""
+    return WhisperDims(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (as whisper does), result cast back to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d)
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d/H), non-causal
+        return self.out(a.transpose(1, 2).flatten(2))  # (B, T, d)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d)
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        self.dims = dims
+        d = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        # The stored (float16-rounded) sinusoid table is loaded from the checkpoint, never recomputed.
+        self.register_buffer("positional_embedding", torch.zeros(dims.n_audio_ctx, d))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(d, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+        self.ln_post = LayerNorm(d)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel: (B, n_mels, 2*n_audio_ctx) -> features (B, n_audio_ctx, d)."""
+        x = F.gelu(self.conv1(mel))  # (B, d, 3000)
+        x = F.gelu(self.conv2(x))  # (B, d, 1500)
+        x = x.permute(0, 2, 1)  # (B, 1500, d)
+        x = (x + self.positional_embedding).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+@torch.no_grad()
+def encode(encoder: AudioEncoder, mel) -> Tensor:
+    """Run the encoder on log-mels (80, 3000) or (B, 80, 3000) -> (B, 1500, d), without autograd."""
+    mel = torch.as_tensor(mel)
+    if mel.dim() == 2:
+        mel = mel.unsqueeze(0)
+    dims = encoder.dims
+    want = (dims.n_mels, 2 * dims.n_audio_ctx)
+    if mel.dim() != 3 or tuple(mel.shape[1:]) != want:
+        raise InputError(f"whisper encoder expects log-mels of shape (B, {want[0]}, {want[1]}), got "
+                         f"{tuple(mel.shape)}; make them with omnitalk.audio.log_mel_spectrogram (pads to 30 s)")
+    p = encoder.conv1.weight
+    return encoder(mel.to(device=p.device, dtype=p.dtype))
+
+
+def _read_checkpoint(path) -> Mapping:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"whisper checkpoint not found: {path} (expected OpenAI's small.pt)")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:  # legacy (non-zip) torch.save format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read whisper checkpoint {path}: {e}; expected an OpenAI whisper "
+                              "checkpoint saved with torch.save (e.g. small.pt)") from e
+
+
+def load_whisper_encoder(path, device="cpu", dtype: torch.dtype = torch.float32) -> AudioEncoder:
+    """Load the encoder of an OpenAI whisper checkpoint ({"dims", "model_state_dict"}), cast to `dtype`.
+
+    `path` may also be the already loaded checkpoint dict. Raises CheckpointError for a missing or
+    foreign file, missing/unexpected `encoder.*` keys, or a tensor whose shape does not fit `dims`.
+    """
+    ckpt = path if isinstance(path, Mapping) else _read_checkpoint(path)
+    where = "checkpoint" if isinstance(path, Mapping) else str(path)
+    if not isinstance(ckpt, Mapping) or "dims" not in ckpt or "model_state_dict" not in ckpt:
+        found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(f"{where} is not an OpenAI whisper checkpoint: expected a dict with 'dims' and "
+                              f"'model_state_dict' (like small.pt), found {found}")
+    dims = WhisperDims.from_dict(ckpt["dims"])
+    sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith("encoder.")}
+    if not sd:
+        raise CheckpointError(f"{where} has no 'encoder.*' tensors; expected an OpenAI whisper checkpoint")
+
+    with torch.device("meta"):
+        encoder = AudioEncoder(dims)
+    expected = encoder.state_dict()
+    missing = [f"encoder.{k}" for k in expected if k not in sd]
+    unexpected = [f"encoder.{k}" for k in sd if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not fit a whisper encoder with {dims}: "
+                              f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: tensor 'encoder.{k}' has shape {tuple(sd[k].shape)}, "
+                                  f"expected {tuple(t.shape)} for {dims}")
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    encoder.load_state_dict(sd, strict=True, assign=True)
+    return encoder.to(device).eval()

@@ -1,0 +1,60 @@
+"""The text tokenizer (Qwen2 byte-level BPE from `tokenizer.json`) and UTF-8-safe streaming decode."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from omnitalk.errors import CheckpointError
+
+
+class TextTokenizer:
+    """encode: plain BPE ids (no BOS/EOS); decode: skips special and unknown ids, like the release."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer not found: {path}")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise CheckpointError(f"tokenizer {path} cannot be read ({e}); re-download it "
+                                  "with `omnitalk download`") from None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+class StreamingText:
+    """Turns a growing list of text ids into deltas that never split a UTF-8 character.
+
+    Byte-level BPE tokens can end in the middle of a multi-byte character; the decoder then yields
+    U+FFFD at the end. We hold such a tail back until the next token completes it (or `flush`).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tok.decode(self.ids)
+        stable = len(text.rstrip("\ufffd"))
+        delta = text[self.sent:stable] if stable > self.sent else ""
+        self.sent = max(self.sent, stable)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        delta = text[self.sent:]
+        self.sent = len(text)
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self.tok.decode(self.ids)

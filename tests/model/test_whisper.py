@@ -1,0 +1,112 @@
+"""Whisper audio encoder: parity with the fixture, loader errors, full-size key/shape layout."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnitalk.errors import CheckpointError, InputError
+from omnitalk.model.whisper import AudioEncoder, WhisperDims, encode, load_whisper_encoder, whisper_dims_small
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
+CKPT = FIX / "checkpoint" / "small.pt"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_whisper_encoder(CKPT)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_features_match_fixture(encoder):
+    mel = np.load(FIX / "expected" / "mel.npy")
+    expected = np.load(FIX / "expected" / "whisper_features.npy")
+    out = encode(encoder, mel)
+    assert out.shape == (1, 1500, 32) and out.dtype == torch.float32
+    assert _rel(out[0].numpy(), expected) < 1e-4
+
+
+def test_end_to_end_from_wav(encoder):
+    from omnitalk.audio import load_audio, log_mel_spectrogram
+
+    out = encode(encoder, log_mel_spectrogram(load_audio(FIX / "inputs" / "question.wav")))
+    assert _rel(out[0].numpy(), np.load(FIX / "expected" / "whisper_features.npy")) < 1e-4
+
+
+def test_loader_uses_stored_positions_and_fp32(encoder):
+    sd = torch.load(CKPT, map_location="cpu", weights_only=True)["model_state_dict"]
+    stored = sd["encoder.positional_embedding"]
+    assert stored.dtype == torch.float16
+    torch.testing.assert_close(encoder.positional_embedding, stored.float(), rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in encoder.state_dict().values())
+    assert encoder.dims == WhisperDims(80, 1500, 32, 2, 2)
+    assert not encoder.training
+
+
+def test_batch_and_bad_mel_shape(encoder):
+    mel = torch.from_numpy(np.load(FIX / "expected" / "mel.npy"))
+    out = encode(encoder, torch.stack([mel, mel.flip(-1)]))
+    torch.testing.assert_close(out[0], encode(encoder, mel)[0])
+    with pytest.raises(InputError, match=r"\(B, 80, 3000\)"):
+        encode(encoder, mel[:, :1000])
+
+
+def test_bfloat16_load():
+    enc = load_whisper_encoder(CKPT, dtype=torch.bfloat16)
+    assert enc.conv1.weight.dtype == torch.bfloat16
+    out = encode(enc, np.load(FIX / "expected" / "mel.npy"))
+    assert out.dtype == torch.bfloat16
+    assert _rel(out[0].float().numpy(), np.load(FIX / "expected" / "whisper_features.npy")) < 0.1
+
+
+def test_full_size_layout_matches_manifest():
+    manifest = json.loads((FIX / "manifests" / "whisper_small.json").read_text())
+    assert WhisperDims.from_dict(manifest["dims"]) == whisper_dims_small()
+    expected = [(t["name"][len("encoder."):], tuple(t["shape"]))
+                for t in manifest["tensors"] if t["name"].startswith("encoder.")]
+    with torch.device("meta"):
+        enc = AudioEncoder(whisper_dims_small())
+    assert [(k, tuple(v.shape)) for k, v in enc.state_dict().items()] == expected
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_whisper_encoder(tmp_path / "small.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    p = tmp_path / "small.pt"
+    p.write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_whisper_encoder(p)
+
+
+def test_wrong_shape_names_key_and_shapes(tmp_path):
+    ckpt = torch.load(CKPT, map_location="cpu", weights_only=True)
+    ckpt["model_state_dict"]["encoder.blocks.1.mlp.0.weight"] = torch.zeros(100, 32, dtype=torch.float16)
+    p = tmp_path / "bad.pt"
+    torch.save(ckpt, p)
+    with pytest.raises(CheckpointError) as e:
+        load_whisper_encoder(p)
+    msg = str(e.value)
+    assert "encoder.blocks.1.mlp.0.weight" in msg and "(100, 32)" in msg and "(128, 32)" in msg
+
+
+def test_missing_dims_and_keys():
+    ckpt = torch.load(CKPT, map_location="cpu", weights_only=True)
+    with pytest.raises(CheckpointError, match="'dims'"):
+        load_whisper_encoder({"model_state_dict": ckpt["model_state_dict"]})
+    with pytest.raises(CheckpointError, match="not an OpenAI whisper checkpoint"):
+        load_whisper_encoder(ckpt["model_state_dict"])  # a bare state dict
+    with pytest.raises(CheckpointError, match="n_audio_head"):
+        load_whisper_encoder({"dims": {"n_mels": 80}, "model_state_dict": ckpt["model_state_dict"]})
+    sd = {k: v for k, v in ckpt["model_state_dict"].items() if k != "encoder.ln_post.bias"}
+    with pytest.raises(CheckpointError, match="encoder.ln_post.bias"):
+        load_whisper_encoder({"dims": ckpt["dims"], "model_state_dict": sd})
+    dec = {k: v for k, v in ckpt["model_state_dict"].items() if not k.startswith("encoder.")}
+    with pytest.raises(CheckpointError, match="no 'encoder"):
+        load_whisper_encoder({"dims": ckpt["dims"], "model_state_dict": dec})
