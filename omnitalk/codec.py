@@ -116,9 +116,10 @@ def codes_to_frames(codes: Sequence) -> np.ndarray:
 
 
 def _as_frames(frames) -> np.ndarray:
-    fr = np.asarray(torch.as_tensor(frames).cpu(), dtype=np.int64).reshape(-1, N_AUDIO_LAYERS) \
-        if len(frames) else np.zeros((0, N_AUDIO_LAYERS), np.int64)
-    return fr  # (n, 7)
+    """An array, tensor or list of rows -> frames (n, 7) int64."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.cpu().numpy()
+    return np.asarray(frames, dtype=np.int64).reshape(-1, N_AUDIO_LAYERS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +157,12 @@ class Codec:
         """A local folder with config.json + pytorch_model.bin, or a Hugging Face repo id (downloaded)."""
         from snac import SNAC
 
-        src = os.fspath(path_or_repo)
-        if os.path.exists(src) and not os.path.isdir(src):
-            raise CheckpointError(f"SNAC checkpoint {src!r} must be a folder with config.json and pytorch_model.bin")
-        if os.path.isdir(src):
+        src = os.path.expanduser(os.fspath(path_or_repo))
+        looks_local = os.path.exists(src) or src.startswith((".", "/")) or src.count("/") != 1
+        if looks_local and not os.path.isdir(src):
+            raise CheckpointError(f"SNAC checkpoint {src!r} must be a folder with config.json and pytorch_model.bin "
+                                  f"(or a Hugging Face repo id such as {DEFAULT_SNAC!r})")
+        if looks_local:
             missing = [f for f in ("config.json", "pytorch_model.bin") if not os.path.isfile(os.path.join(src, f))]
             if missing:
                 raise CheckpointError(f"SNAC folder {src!r} lacks {', '.join(missing)}")
@@ -207,7 +210,8 @@ class Codec:
 
     def encode(self, wav) -> np.ndarray:
         """24 kHz mono float waveform (T,) -> frames (ceil(T / 2048), 7): audio as the 7 LLM layers."""
-        x = torch.as_tensor(wav, dtype=torch.float32).reshape(1, 1, -1).to(self.device)  # (1, 1, T)
+        dtype = next(self.model.parameters()).dtype
+        x = torch.as_tensor(wav).reshape(1, 1, -1).to(self.device, dtype)  # (1, 1, T)
         with torch.inference_mode():
             codes = self.model.encode(x)  # [(1, n), (1, 2n), (1, 4n)]
         return codes_to_frames(codes)

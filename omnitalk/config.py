@@ -81,7 +81,10 @@ class Config:
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        """The YAML fields. Our own fields (n_audio_layers, n_specials) only when they differ from the
+        release, so a written file stays readable by the official code."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name != "extra" and not (f.name in ("n_audio_layers", "n_specials") and getattr(self, f.name) == f.default)}
         return {**self.extra, **d}
 
     def to_yaml(self, path: str | Path) -> None:

@@ -127,6 +127,45 @@ class OmniModel:
         codec = Codec.from_pretrained(snac_dir if snac_dir.is_dir() else ckpt_io.SNAC_REPO_ID, dev)
         return cls(cfg, lm, whisper, clip, codec, tokenizer, dev)
 
+    @classmethod
+    def from_random(cls, preset: str | Config = "mini-omni2", seed: int = 0, device=None,
+                    dtype: torch.dtype = torch.float32, whisper_dims=None, clip_dims=None,
+                    snac_config: dict | None = None, tokenizer: TextTokenizer | None = None) -> "OmniModel":
+        """A model of the given shapes with random weights and no files: for tests and benchmarks.
+
+        Defaults are the official shapes (Whisper small, CLIP ViT-B/32, SNAC 24 kHz) for preset
+        'mini-omni2' and matching small ones for smaller presets.
+        """
+        from snac import SNAC
+
+        from omnitalk.config import preset as make_preset
+        from omnitalk.model.clip import VisionDims, clip_vit_b32_dims
+        from omnitalk.model.llm import rope_cache
+        from omnitalk.model.whisper import WhisperDims, sinusoids, whisper_dims_small
+
+        dev = resolve_device(device)
+        cfg = preset if isinstance(preset, Config) else make_preset(preset)
+        full = cfg.whisper_adapter_dim == 768 and cfg.vision_adapter_dim == 512
+        whisper_dims = whisper_dims or (whisper_dims_small() if full else
+                                        WhisperDims(80, 1500, cfg.whisper_adapter_dim, 2, 2))
+        clip_dims = clip_dims or (clip_vit_b32_dims() if full else
+                                  VisionDims(224, 32, 128, 2, 2, cfg.vision_adapter_dim))
+        snac_config = snac_config or dict(sampling_rate=24000, encoder_dim=48 if full else 8, encoder_rates=[2, 4, 8, 8],
+                                          decoder_dim=1024 if full else 64, decoder_rates=[8, 8, 4, 2],
+                                          attn_window_size=None, codebook_size=4096, codebook_dim=8,
+                                          vq_strides=[4, 2, 1], noise=True, depthwise=True)
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            lm = OmniLM(cfg)
+            whisper = AudioEncoder(whisper_dims)
+            whisper.positional_embedding.copy_(sinusoids(whisper_dims.n_audio_ctx, whisper_dims.n_audio_state))
+            clip = VisionTransformer(clip_dims)
+            snac = SNAC(**snac_config)
+        lm.rope_cos, lm.rope_sin = (t.to(dev) for t in rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base))
+        lm.tied_head_equal = True
+        return cls(cfg, lm.to(dtype).eval().requires_grad_(False), whisper.eval(), clip.eval(),
+                   Codec(snac.eval(), dev), tokenizer or TextTokenizer.byte_level(), dev)
+
     # ---- encoders -----------------------------------------------------------------------
     @torch.inference_mode()
     def audio_features(self, audio, sr: int | None = None) -> torch.Tensor:
@@ -299,7 +338,7 @@ class OmniModel:
                             dtype=np.int64)
         frames = frames_from_layers(tokens[:-1], on_special="truncate")
         wav = None
-        if decode_audio and len(frames):
+        if decode_audio:
             wav = self.codec.decode(frames, noise=snac_noise, seed=snac_seed).numpy()
         return Reply(text, tokens, frames, wav)
 

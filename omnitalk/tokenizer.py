@@ -11,16 +11,29 @@ from omnitalk.errors import CheckpointError
 class TextTokenizer:
     """encode: plain BPE ids (no BOS/EOS); decode: skips special and unknown ids, like the release."""
 
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"tokenizer not found: {path}")
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise CheckpointError(f"tokenizer {path} cannot be read ({e}); re-download it "
-                                  "with `omnitalk download`") from None
+    def __init__(self, path: str | Path | None = None, tokenizer: Tokenizer | None = None):
+        if tokenizer is None:
+            path = Path(path)
+            if not path.is_file():
+                raise CheckpointError(f"tokenizer not found: {path}")
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+                raise CheckpointError(f"tokenizer {path} cannot be read ({e}); re-download it "
+                                      "with `omnitalk download`") from None
+        self._tok = tokenizer
         self.vocab_size = self._tok.get_vocab_size()
+
+    @classmethod
+    def byte_level(cls) -> "TextTokenizer":
+        """A 256-id byte-level tokenizer (no merges), for random-weight models that ship no tokenizer."""
+        from tokenizers import decoders, models, pre_tokenizers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return cls(tokenizer=tok)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -117,6 +117,8 @@ def test_short_and_malformed_inputs():
     assert fixture_codec().decode(np.zeros((0, 7), np.int64)).numel() == 0
     with pytest.raises(CheckpointError):
         Codec.from_pretrained(PARITY / "checkpoint")  # a folder without config.json
+    with pytest.raises(CheckpointError, match="must be a folder"):
+        Codec.from_pretrained(PARITY / "no_such_folder" / "snac")  # a missing path is not sent to the hub
 
 
 # ---- decoding -------------------------------------------------------------------------------

@@ -40,6 +40,14 @@ def whisper_dims_small() -> WhisperDims:
     return WhisperDims(n_mels=80, n_audio_ctx=1500, n_audio_state=768, n_audio_head=12, n_audio_layer=12)
 
 
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's positional table (length, channels): sin on the first half, cos on the second."""
+    inc = torch.log(torch.tensor(max_timescale)) / (channels // 2 - 1)
+    inv = torch.exp(-inc * torch.arange(channels // 2))
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (as whisper does), result cast back to the input dtype."""
 

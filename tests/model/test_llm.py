@@ -1,0 +1,121 @@
+"""The decoder: GQA cache vs full attention vs an expanded-head reference, tied head, state-dict keys."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnitalk.config import Config, preset
+from omnitalk.model.llm import OmniLM, RMSNorm, apply_rope, rope_cache
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
+
+
+def small(n_head=4, groups=2, **kw):
+    cfg = preset("tiny", n_head=n_head, n_query_groups=groups, n_embd=n_head * 8, head_size=8, **kw)
+    torch.manual_seed(0)
+    lm = OmniLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.dim() == 2 and p is not lm.transformer.wte.weight:
+                p.normal_(0, 2 / math.sqrt(p.size(1)))
+    return lm
+
+
+def random_ids(cfg: Config, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    audio = torch.randint(0, 4096, (B, 7, T), generator=g) + torch.tensor(
+        [cfg.text_vocab_size + cfg.audio_vocab_size * j for j in range(7)])[None, :, None]
+    text = torch.randint(0, 1000, (B, 1, T), generator=g)
+    return torch.cat([audio, text], 1)
+
+
+def naive_forward(lm: OmniLM, ids):
+    """Expanded heads, explicit softmax: an independent statement of the math."""
+    cfg = lm.cfg
+    x = lm.transformer.wte(ids).sum(1) / ids.size(1)
+    B, T, C = x.shape
+    cos, sin = rope_cache(T, cfg.head_size, cfg.rope_base)
+    for blk in lm.transformer.h:
+        h = blk.norm_1(x)
+        qkv = blk.attn.attn(h).view(B, T, cfg.n_query_groups, -1, cfg.head_size)
+        per = cfg.n_head // cfg.n_query_groups
+        q = qkv[:, :, :, :per].reshape(B, T, cfg.n_head, -1).transpose(1, 2)
+        k = qkv[:, :, :, per:per + 1].expand(-1, -1, -1, per, -1).reshape(B, T, cfg.n_head, -1).transpose(1, 2)
+        v = qkv[:, :, :, per + 1:].expand(-1, -1, -1, per, -1).reshape(B, T, cfg.n_head, -1).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(cfg.head_size)
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        x = x + blk.attn.proj((att @ v).transpose(1, 2).reshape(B, T, -1))
+        x = x + blk.mlp(blk.norm_2(x))
+    return lm.transformer.ln_f(x) @ lm.transformer.wte.weight.T
+
+
+@pytest.mark.parametrize("n_head, groups", [(4, 1), (4, 2), (4, 4), (6, 3)])
+def test_matches_naive_expanded_heads(n_head, groups):
+    lm = small(n_head, groups)
+    ids = random_ids(lm.cfg, 2, 12)
+    text, audio = lm(ids)
+    ref = naive_forward(lm, ids)
+    assert torch.allclose(text, ref[..., :152000], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(audio.flatten(-2), ref[..., 152000:], atol=1e-4, rtol=1e-4)
+
+
+def test_cached_decoding_equals_full_forward():
+    lm = small()
+    ids = random_ids(lm.cfg, 2, 16, seed=3)
+    full_text, full_audio = lm(ids)
+    lm.setup_cache(2, 16)
+    with torch.no_grad():
+        h = [lm.forward_hidden(lm.embed(ids[..., :9]), 0)]       # prefill 9 positions
+        h += [lm.forward_hidden(lm.embed(ids[..., 9:13]), 9)]    # a chunk after the cache (masked path)
+        for t in range(13, 16):                                  # then one position at a time
+            h.append(lm.forward_hidden(lm.embed(ids[..., t:t + 1]), t))
+    h = torch.cat(h, 1)
+    assert torch.allclose(lm.text_logits(h), full_text, atol=1e-4)
+    assert torch.allclose(lm.audio_logits(h), full_audio, atol=1e-4)
+    # the cache holds only the key/value heads
+    assert lm.transformer.h[0].attn.kv_cache.k.shape == (2, 2, 16, 8)
+
+
+def test_context_limit_is_enforced():
+    lm = small()
+    with pytest.raises(ValueError, match="context of 2048"):
+        lm.setup_cache(1, 2049)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        lm.forward_hidden(torch.zeros(1, 3, lm.cfg.n_embd), 2047)
+
+
+def test_features_replace_audio_rows_only():
+    lm = small()
+    ids = random_ids(lm.cfg, 1, 6)
+    f = torch.randn(1, 2, lm.cfg.n_embd)
+    x = lm.embed(ids, [(2, f)])
+    wte = lm.transformer.wte
+    expect = (7 * f[0, 1] + wte(ids[0, 7, 3])) / 8
+    assert torch.allclose(x[0, 3], expect, atol=1e-6)
+    assert torch.allclose(x[0, 0], wte(ids[0, :, 0]).sum(0) / 8, atol=1e-6)
+
+
+def test_head_is_tied_to_the_embedding():
+    lm = small()
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+
+
+def test_rmsnorm_normalises_in_fp32():
+    n = RMSNorm(8, 1e-6)
+    x = (torch.randn(3, 8) * 300).to(torch.bfloat16)
+    ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert torch.equal(n(x), ref)
+
+
+def test_full_size_state_dict_matches_release_manifest():
+    manifest = json.loads((FIX / "manifests" / "lit_model.json").read_text())["tensors"]
+    with torch.device("meta"):
+        lm = OmniLM(Config.from_file(FIX / "manifests" / "model_config.yaml"))
+    got = [(k, list(v.shape)) for k, v in lm.state_dict().items()]
+    assert got == [(m["name"], m["shape"]) for m in manifest]
+    n_params = sum(p.numel() for p in lm.parameters())  # parameters() counts the tied head once
+    assert n_params == 541_349_760

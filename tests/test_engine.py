@@ -1,0 +1,145 @@
+"""The public engine API on the parity fixture's tiny checkpoint: tasks, streaming, bad inputs."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omnitalk.codec import to_pcm16
+from omnitalk.engine import OmniModel, resolve_device
+from omnitalk.errors import CheckpointError, InputError
+from omnitalk.generate import Sampling
+from omnitalk.tokenizer import StreamingText, TextTokenizer
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "parity"
+WAV, IMG = FIX / "inputs" / "question.wav", FIX / "inputs" / "image.png"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return OmniModel.from_pretrained(FIX / "checkpoint", device="cpu", download=False)
+
+
+def test_every_task_runs(model):
+    cases = [dict(text="hello", reply="text"), dict(text="hello"), dict(audio=WAV, reply="text"),
+             dict(audio=WAV, task="asr"), dict(audio=WAV), dict(audio=WAV, strategy="single"),
+             dict(image=IMG, audio=WAV), dict(image=IMG, text="what is this?", reply="text"),
+             dict(image=IMG), dict(image=IMG, audio=WAV, text="and the colour?"), dict(audio=WAV, text="hi")]
+    for inputs in cases:
+        reply = model.generate(max_tokens=24, **inputs)
+        speaks = inputs.get("reply", "speech") == "speech" and inputs.get("task") != "asr"
+        assert reply.tokens.shape[0] == (8 if speaks else 1), inputs
+        if speaks:
+            assert reply.frames.shape[1] == 7 and (reply.frames < 4096).all()
+            assert reply.waveform.shape == (len(reply.frames) * 2048,)
+
+
+def test_batch_text_equals_text_only_answer(model):
+    """The pair's text comes from the text-only branch: same words as the A1T2 task."""
+    pair = model.generate(audio=WAV, max_tokens=48)
+    alone = model.generate(audio=WAV, reply="text", max_tokens=48)
+    assert pair.text == alone.text and pair.text
+
+
+def test_context_stream_equals_one_pass_decode(model):
+    chunks = list(model.stream(audio=WAV, image=IMG, max_tokens=40, snac_noise=False))
+    audio = np.concatenate([c.audio for c in chunks])
+    reply = model.generate(audio=WAV, image=IMG, max_tokens=40, snac_noise=False)
+    assert len(audio) == len(reply.frames) * 2048  # the partial last chunk is flushed, not dropped
+    assert np.abs(audio.astype(int) - to_pcm16(reply.waveform).astype(int)).max() <= 1
+    assert "".join(c.text for c in chunks) == reply.text or "".join(c.text for c in chunks).strip() == reply.text
+
+
+def test_reference_stream_drops_the_tail(model):
+    ref = list(model.stream(audio=WAV, max_tokens=48, stream_mode="reference", snac_seed=1234))
+    ctx = list(model.stream(audio=WAV, max_tokens=48, snac_seed=1234))
+    n_ref = sum(len(c.audio) for c in ref)
+    n_ctx = sum(len(c.audio) for c in ctx)
+    assert n_ref == 10 * 8192 and n_ctx == 41 * 2048  # 41 frames: 10 full chunks + 1 dropped frame
+
+
+def test_seeded_sampling_is_reproducible(model):
+    s = Sampling(temperature=1.0, top_k=50, seed=3)
+    a = model.generate(audio=WAV, reply="text", max_tokens=20, sampling=s)
+    b = model.generate(audio=WAV, reply="text", max_tokens=20, sampling=s)
+    assert np.array_equal(a.tokens, b.tokens)
+
+
+def test_text_deltas_never_split_utf8():
+    tok = TextTokenizer(FIX / "checkpoint" / "tokenizer.json")
+    text = "naïve café — 日本"
+    ids = tok.encode(text)
+    st = StreamingText(tok)
+    deltas = [st.push([i]) for i in ids] + [st.flush()]
+    assert "".join(deltas) == tok.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+    byte_level = TextTokenizer.byte_level()
+    st = StreamingText(byte_level)
+    deltas = [st.push([i]) for i in byte_level.encode("日本")]
+    assert deltas == ["", "", "日", "", "", "本"]
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+def wav_bytes(x, sr=16000):
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_audio_longer_than_30s_is_refused(model):
+    with pytest.raises(InputError, match="30"):
+        model.request(audio=wav_bytes(np.zeros(16000 * 31, np.float32)))
+
+
+def test_empty_and_non_audio_are_refused(model, tmp_path):
+    with pytest.raises(InputError, match="empty|no samples"):
+        model.request(audio=wav_bytes(np.zeros(0, np.float32)))
+    (tmp_path / "x.wav").write_text("not audio")
+    with pytest.raises(InputError):
+        model.request(audio=tmp_path / "x.wav")
+
+
+def test_silent_stereo_and_other_rates_work(model):
+    for x, sr in [(np.zeros(16000, np.float32), 16000), (np.zeros((8000, 2), np.float32), 8000),
+                  (np.random.default_rng(0).normal(0, 0.1, (44100, 2)).astype(np.float32), 44100),
+                  (np.zeros(48000, np.float32), 48000)]:
+        req = model.request(audio=wav_bytes(x, sr), reply="text")
+        assert req.prompts[0].audio_len == 51  # 1 s -> int(1000 / 20) + 1 Whisper frames
+
+
+def test_broken_image_is_refused(model, tmp_path):
+    (tmp_path / "b.png").write_bytes(IMG.read_bytes()[:200])
+    with pytest.raises(InputError):
+        model.request(image=tmp_path / "b.png", text="hi")
+
+
+def test_text_longer_than_context(model):
+    with pytest.raises(InputError, match="context"):
+        list(model.stream(text="word " * 3000, reply="text"))
+
+
+def test_request_argument_errors(model):
+    with pytest.raises(InputError, match="nothing to answer"):
+        model.request()
+    with pytest.raises(InputError, match="reply must be"):
+        model.request(text="hi", reply="video")
+    with pytest.raises(InputError, match="audio alone"):
+        model.request(text="hi", task="asr")
+    with pytest.raises(InputError, match="stream_mode"):
+        list(model.stream(text="hi", stream_mode="fast"))
+
+
+def test_unknown_device():
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu:0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_random_tiny_model_runs_every_mode():
+    m = OmniModel.from_random("tiny", seed=2)
+    r = m.generate(audio=WAV, image=IMG, max_tokens=16)
+    assert r.tokens.shape == (8, 16)
