@@ -90,33 +90,53 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torc
                                   f"for this model_config.yaml (config and weights from different models?)")
 
 
-def load_llm(ckpt: Path, cfg: Config, device="cpu", dtype=torch.float32, state_dict=None):
-    """Build OmniLM from `lit_model.pth` (or a given state dict) without a second copy in memory."""
-    from omnitalk.model.llm import OmniLM, rope_cache
+def load_llm(ckpt: Path, cfg: Config, device="cpu", mode: str = "fp32", state_dict=None):
+    """Build OmniLM from `lit_model.pth` (or a given state dict) without a second copy in memory.
 
-    source = str(ckpt / "lit_model.pth")
+    mode 'fp32' (parity), 'bf16', or 'int8' (weight-only, omnitalk.quant). A state dict that is
+    already int8 (our safetensors written with `convert --mode int8`) loads as int8 directly.
+    """
+    from omnitalk.model.llm import OmniLM, rope_cache
+    from omnitalk.quant import MODES, quantize_lm
+
+    if mode not in MODES:
+        raise CheckpointError(f"unknown mode {mode!r}; use one of {MODES}")
+    source = str(ckpt / "lit_model.pth") if state_dict is None else str(ckpt / OURS)
     sd = state_dict if state_dict is not None else read_torch_file(ckpt / "lit_model.pth")
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{source} holds a {type(sd).__name__}, not a name->tensor state dict")
+    stored_int8 = sd.get("transformer.wte.weight", torch.zeros(0)).dtype == torch.int8
     with torch.device("meta"):
         lm = OmniLM(cfg)
+        if stored_int8:
+            if mode != "int8":
+                raise CheckpointError(f"{source} holds int8 weights; load it with mode='int8' (or convert the "
+                                      "official checkpoint again without --mode int8)")
+            quantize_lm(lm, "int8")
     check_state_dict(sd, lm.state_dict(), source, ignore=("lm_head.weight",))
     head = sd.get("lm_head.weight")
     # Quirk Q3: the release ties the head to wte and its loader overwrites the shared tensor with
     # `transformer.wte.weight`; the stored `lm_head.weight` is never used.
-    lm.tied_head_equal = None if head is None else bool(torch.equal(head, sd["transformer.wte.weight"]))
-    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+    tied_equal = None if head is None else bool(torch.equal(head, sd["transformer.wte.weight"]))
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and not stored_int8 else v.to(device)
           for k, v in sd.items() if k != "lm_head.weight"}
     lm.load_state_dict(sd, strict=False, assign=True)
-    lm.lm_head.weight = lm.transformer.wte.weight
+    if not stored_int8:
+        lm.lm_head.weight = lm.transformer.wte.weight
     cos, sin = rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base)
     lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
-    return lm.eval().requires_grad_(False)
+    lm.tied_head_equal = tied_equal
+    lm = lm.eval().requires_grad_(False)
+    return quantize_lm(lm, mode) if mode == "int8" and not stored_int8 else lm
 
 
 # ---- our safetensors layout -------------------------------------------------------------------
-def convert(src: str | Path, dst: str | Path) -> Path:
-    """Official directory -> our layout: one safetensors file (llm.*, whisper.*, clip.*), config, tokenizer, snac/."""
+def convert(src: str | Path, dst: str | Path, mode: str = "fp32") -> Path:
+    """Official directory -> our layout: one safetensors file (llm.*, whisper.*, clip.*), config, tokenizer, snac/.
+
+    mode 'int8' stores the LLM and adapters quantised (int8 + per-row scales), 'bf16' in bfloat16.
+    """
     from safetensors.torch import save_file
 
     from omnitalk.model.clip import load_clip_vision
@@ -125,14 +145,14 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     require_files(src)
     cfg = Config.from_file(src / "model_config.yaml")
-    lm = load_llm(src, cfg)
+    lm = load_llm(src, cfg, mode=mode)
     whisper = load_whisper_encoder(src / "small.pt")
     clip = load_clip_vision(next(src / f for f in CLIP_FILES if (src / f).is_file()))
-    tensors = {f"llm.{k}": v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    tensors = {f"llm.{k}": v for k, v in lm.state_dict().items() if k != "lm_head.weight" and v is not None}
     tensors |= {f"whisper.{k}": v for k, v in whisper.state_dict().items()}
     tensors |= {f"clip.{k}": v for k, v in clip.state_dict().items()}
     dst.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "omnitalk/1", "whisper_dims": json.dumps(whisper.dims.__dict__),
+    meta = {"format": "omnitalk/1", "llm_mode": mode, "whisper_dims": json.dumps(whisper.dims.__dict__),
             "clip_dims": json.dumps(clip.dims.__dict__)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, dst / OURS, metadata=meta)
     for f in ("model_config.yaml", "tokenizer.json", *SNAC_FILES):
@@ -140,6 +160,45 @@ def convert(src: str | Path, dst: str | Path) -> Path:
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / f, dst / f)
     return dst / OURS
+
+
+def source_tensors(src: str | Path) -> dict[str, torch.Tensor]:
+    """The official files' tensors under the names of our safetensors file (llm.*, whisper.*, clip.*)."""
+    from safetensors.torch import load_file
+
+    from omnitalk.model.clip import read_state_dict
+
+    src = Path(src)
+    out = {f"llm.{k}": v for k, v in read_torch_file(src / "lit_model.pth").items()
+           if k != "lm_head.weight"}  # the release ties the head to wte; the stored head is never used
+    whisper = read_torch_file(src / "small.pt")
+    out |= {f"whisper.{k[len('encoder.'):]}": v for k, v in whisper["model_state_dict"].items()
+            if k.startswith("encoder.")}
+    clip_file = next(src / f for f in CLIP_FILES if (src / f).is_file())
+    clip = load_file(str(clip_file)) if clip_file.suffix == ".safetensors" else read_state_dict(clip_file)
+    out |= {f"clip.{k[len('visual.'):]}": v for k, v in clip.items() if k.startswith("visual.")}
+    return out
+
+
+def verify_conversion(src: str | Path, dst: str | Path) -> int:
+    """Every tensor of dst's safetensors equals the official source's (fp32 conversions); returns the count."""
+    from safetensors import safe_open
+
+    ref, seen = source_tensors(src), set()
+    out = Path(dst) / OURS
+    with safe_open(str(out), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if k not in ref:
+                raise CheckpointError(f"verification failed: {k} is in {out} but not in {src}")
+            if tuple(t.shape) != tuple(ref[k].shape) or not torch.equal(ref[k].to(t.dtype), t):
+                raise CheckpointError(f"verification failed: {k} differs from the source in {src}")
+            seen.add(k)
+    if seen != set(ref):
+        raise CheckpointError(f"verification failed: {len(set(ref) - seen)} source tensors missing from {out}, "
+                              f"e.g. {sorted(set(ref) - seen)[:3]}")
+    require_files(dst)
+    return len(seen)
 
 
 def read_ours(ckpt: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
@@ -172,6 +231,7 @@ def download(ckpt: str | Path, repo_id: str = REPO_ID, revision: str = "main") -
     from huggingface_hub import HfApi, hf_hub_download
 
     ckpt = Path(ckpt)
+    created = not ckpt.exists()
     ckpt.mkdir(parents=True, exist_ok=True)
     api = HfApi()
     try:
@@ -190,9 +250,12 @@ def download(ckpt: str | Path, repo_id: str = REPO_ID, revision: str = "main") -
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"download into {ckpt} failed ({type(e).__name__}: {str(e)[:300]}). Check the "
-                              "network / HF_ENDPOINT / HF_TOKEN; files already fetched are kept and the next "
-                              "`omnitalk download` resumes") from None
+        if created and not any(ckpt.iterdir()):
+            ckpt.rmdir()
+        raise CheckpointError(f"download into {ckpt} failed ({type(e).__name__}: {str(e)[:300]}). Still "
+                              f"missing: {', '.join(missing_files(ckpt))}. Check the network / HF_ENDPOINT / "
+                              "HF_TOKEN; files already fetched are kept and the next `omnitalk download` "
+                              "resumes") from None
     return ckpt
 
 

@@ -84,12 +84,16 @@ class OmniModel:
         self.cfg, self.lm, self.whisper, self.clip, self.codec = cfg, lm, whisper, clip, codec
         self.tokenizer, self.device = tokenizer, device
         self.layout = TokenLayout.from_config(cfg)
+        self.path: Path | None = None  # the checkpoint directory, when loaded from files
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path = "checkpoint", device=None,
-                        dtype: torch.dtype = torch.float32, download: bool = True) -> "OmniModel":
+    def from_pretrained(cls, path_or_repo_id: str | Path = "checkpoint", device=None, mode: str = "fp32",
+                        download: bool = True) -> "OmniModel":
         """Load a checkpoint directory (official layout or ours); download what is missing.
+
+        mode: 'fp32' reproduces the release exactly; 'bf16' and 'int8' (weight-only, per-channel) are
+        faster and smaller (docs/performance.md has their measured cost in accuracy).
 
         A hub repo id ("gpt-omni/mini-omni2") downloads into the hub cache; a directory that lacks files
         is completed from the hub unless `download=False` or HF_HUB_OFFLINE=1, in which case the error
@@ -109,12 +113,12 @@ class OmniModel:
         tokenizer = TextTokenizer(path / "tokenizer.json")
         if (path / ckpt_io.OURS).is_file():
             parts, meta = ckpt_io.read_ours(path)
-            lm = ckpt_io.load_llm(path, cfg, dev, dtype, state_dict=parts["llm"])
+            lm = ckpt_io.load_llm(path, cfg, dev, mode, state_dict=parts["llm"])
             whisper = load_whisper_encoder({"dims": json.loads(meta["whisper_dims"]), "model_state_dict":
                                             {f"encoder.{k}": v for k, v in parts["whisper"].items()}}, dev)
             clip = _clip_from_state_dict(parts["clip"], dev) if parts["clip"] else None
         else:
-            lm = ckpt_io.load_llm(path, cfg, dev, dtype)
+            lm = ckpt_io.load_llm(path, cfg, dev, mode)
             if lm.tied_head_equal is False:
                 log.info("lit_model.pth: lm_head.weight differs from transformer.wte.weight; using wte as the "
                          "output head, as the reference does (tie_word_embeddings)")
@@ -125,11 +129,13 @@ class OmniModel:
                 else load_clip_vision(clip_file, dev))
         snac_dir = path / "snac"
         codec = Codec.from_pretrained(snac_dir if snac_dir.is_dir() else ckpt_io.SNAC_REPO_ID, dev)
-        return cls(cfg, lm, whisper, clip, codec, tokenizer, dev)
+        model = cls(cfg, lm, whisper, clip, codec, tokenizer, dev)
+        model.path = path.resolve()
+        return model
 
     @classmethod
     def from_random(cls, preset: str | Config = "mini-omni2", seed: int = 0, device=None,
-                    dtype: torch.dtype = torch.float32, whisper_dims=None, clip_dims=None,
+                    mode: str = "fp32", whisper_dims=None, clip_dims=None,
                     snac_config: dict | None = None, tokenizer: TextTokenizer | None = None) -> "OmniModel":
         """A model of the given shapes with random weights and no files: for tests and benchmarks.
 
@@ -163,7 +169,9 @@ class OmniModel:
             snac = SNAC(**snac_config)
         lm.rope_cos, lm.rope_sin = (t.to(dev) for t in rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base))
         lm.tied_head_equal = True
-        return cls(cfg, lm.to(dtype).eval().requires_grad_(False), whisper.eval(), clip.eval(),
+        from omnitalk.quant import quantize_lm
+        lm = quantize_lm(lm.eval().requires_grad_(False), mode)
+        return cls(cfg, lm, whisper.eval(), clip.eval(),
                    Codec(snac.eval(), dev), tokenizer or TextTokenizer.byte_level(), dev)
 
     # ---- encoders -----------------------------------------------------------------------
@@ -188,13 +196,10 @@ class OmniModel:
         return self.lm.vision_adapter(feats.to(self.lm.act_dtype))
 
     # ---- requests -----------------------------------------------------------------------
-    def request(self, *, audio=None, image=None, text: str | None = None, reply: str = "speech",
-                task: str = "qa", strategy: str = "pair", sr: int | None = None) -> Request:
-        """Inputs -> prompts + features. task 'qa' answers, 'asr' transcribes the audio.
-
-        strategy 'pair' (default for spoken replies) runs the release's batch-parallel decoding: the
-        text-only branch leads the words; 'single' runs one 8-stream sequence (T1A2/A1A2 as released).
-        """
+    @staticmethod
+    def check_inputs(*, audio=None, image=None, text: str | None = None, reply: str = "speech",
+                     task: str = "qa", strategy: str = "pair") -> None:
+        """The checks that need no model (so a CLI can fail before loading weights)."""
         if reply not in REPLIES:
             raise InputError(f"reply must be one of {REPLIES}, got {reply!r}")
         if strategy not in ("pair", "single"):
@@ -205,6 +210,18 @@ class OmniModel:
             raise InputError("nothing to answer: give audio, an image or text")
         if task == "asr" and (audio is None or image is not None or text):
             raise InputError("transcription takes audio alone")
+        for what, src in (("audio", audio), ("image", image)):
+            if isinstance(src, (str, Path)) and not Path(src).is_file():
+                raise InputError(f"{what} file not found: {src}")
+
+    def request(self, *, audio=None, image=None, text: str | None = None, reply: str = "speech",
+                task: str = "qa", strategy: str = "pair", sr: int | None = None) -> Request:
+        """Inputs -> prompts + features. task 'qa' answers, 'asr' transcribes the audio.
+
+        strategy 'pair' (default for spoken replies) runs the release's batch-parallel decoding: the
+        text-only branch leads the words; 'single' runs one 8-stream sequence (T1A2/A1A2 as released).
+        """
+        self.check_inputs(audio=audio, image=image, text=text, reply=reply, task=task, strategy=strategy)
         L = self.layout
         speak = reply == "speech" and task != "asr"
         ids = self.tokenizer.encode(text) if text else []
@@ -316,6 +333,10 @@ class OmniModel:
                 else:
                     yield StreamChunk(to_pcm16(chunk.numpy()), "")
         if reference:
+            if codec_stream is None:  # text-only loops of the release return their text once, at the end
+                text = reference_text()
+                if text:
+                    yield StreamChunk(empty, text)
             return
         tail = codec_stream.flush() if codec_stream is not None else None
         rest = live.flush()

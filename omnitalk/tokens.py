@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from omnitalk.config import Config
 
-TEXT_SPECIALS = ("eot", "pad_t", "input_t", "answer_t", "asr")
+# the release uses the first five; "irq"/"n_irq" are omnitalk's interruption status tokens (151941/151942
+# in the released vocabulary), taken from the 59 reserved text specials for the paper's duplex task
+TEXT_SPECIALS = ("eot", "pad_t", "input_t", "answer_t", "asr", "irq", "n_irq")
 AUDIO_SPECIALS = ("eoa", "pad_a", "input_a", "answer_a", "split", "image", "eoimage")
 
 
@@ -43,6 +45,10 @@ class TokenLayout:
     def answer_t(self) -> int: return self.text_special("answer_t")
     @property
     def asr(self) -> int: return self.text_special("asr")
+    @property
+    def irq(self) -> int: return self.text_special("irq")
+    @property
+    def n_irq(self) -> int: return self.text_special("n_irq")
 
     # ---- audio specials (local ids): _eoa = 4096, _pad_a, _input_a, _answer_a, ... ----------
     @property

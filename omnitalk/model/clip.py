@@ -151,7 +151,7 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first.split('. ')[0]}"
 
 
-def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """OpenAI's TorchScript archive or a plain `torch.save`d state dict."""
     errors = []
     try:
@@ -210,7 +210,7 @@ def load_clip_vision(
             f"CLIP checkpoint {str(path)!r} {'is not a file' if path.exists() else 'does not exist'}; "
             f"pass the path of ViT-B-32.pt (OpenAI's archive) or of a saved state dict"
         )
-    raw = _read_state_dict(path)
+    raw = read_state_dict(path)
     if any(k.startswith("visual.") for k in raw):
         prefix = "visual."
         sd = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}

@@ -183,13 +183,20 @@ class OmniLM(nn.Module):
             x = block(x, cos, sin, pos)
         return self.transformer.ln_f(x)
 
+    def _head(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Only the rows of the tied head that are asked for: each step reads each head row once."""
+        wte = self.transformer.wte
+        if hasattr(wte, "logits"):  # int8 table (omnitalk.quant.Int8Embedding)
+            return wte.logits(h, rows)
+        return F.linear(h, wte.weight[rows])
+
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., text_vocab_size)."""
-        return F.linear(h, self.lm_head.weight[: self.cfg.text_vocab_size])
+        return self._head(h, slice(0, self.cfg.text_vocab_size))
 
     def audio_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., n_audio_layers, audio_vocab_size), local ids per layer."""
-        logits = F.linear(h, self.lm_head.weight[self.cfg.text_vocab_size:])
+        logits = self._head(h, slice(self.cfg.text_vocab_size, self.cfg.padded_vocab_size))
         return logits.unflatten(-1, (self.cfg.n_audio_layers, self.cfg.audio_vocab_size))
 
     def forward(self, ids: torch.Tensor, pos: int = 0, features=()) -> tuple[torch.Tensor, torch.Tensor]:

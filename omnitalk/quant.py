@@ -1,0 +1,93 @@
+"""Weight-only int8 quantisation (per output channel / per embedding row) and bf16 for the LLM.
+
+int8 weights are read once per step by `torch._weight_int8pack_mm` (bf16 activations, one scale per
+output row), so a decode step moves ~1/4 of the fp32 bytes. Norms stay in fp32 (RMSNorm upcasts).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("fp32", "bf16", "int8")
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K) and scales (N,) with w ~= q * scale[:, None] (symmetric, per row)."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ (q * scales).T -> (..., N) in x's dtype (bf16 on CPU)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.device.type == "cpu" or x2.device.type == "mps":
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scales.to(torch.bfloat16)).to(x.dtype)
+    else:  # CUDA: dequantise on the fly (fused by torch.compile when enabled)
+        y = F.linear(x2, q.to(x2.dtype)) * scales.to(x2.dtype)
+    return y.reshape(*shape[:-1], q.size(0))
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear | None = None, *, out_features=0, in_features=0, bias=False):
+        super().__init__()
+        if linear is not None:
+            q, s = quantize_rows(linear.weight.detach())
+            out_features, in_features = q.shape
+            bias = linear.bias is not None
+        else:
+            q, s = torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(out_features)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", s.to(torch.bfloat16))
+        self.register_buffer("bias", linear.bias.detach().to(torch.bfloat16).clone()
+                             if linear is not None and bias else (torch.zeros(out_features, dtype=torch.bfloat16)
+                                                                  if bias else None))
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_matmul(x, self.weight, self.scales)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table in int8 with one scale per row; also serves as the tied output head."""
+
+    def __init__(self, emb: nn.Embedding | None = None, *, num=0, dim=0):
+        super().__init__()
+        if emb is not None:
+            q, s = quantize_rows(emb.weight.detach())
+        else:
+            q, s = torch.zeros(num, dim, dtype=torch.int8), torch.ones(num)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", s.to(torch.bfloat16))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(torch.bfloat16) * self.scales[ids].unsqueeze(-1)
+
+    def logits(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        return int8_matmul(h, self.weight[rows], self.scales[rows])
+
+
+@torch.no_grad()
+def quantize_lm(lm, mode: str):
+    """Convert an OmniLM in place: 'bf16' casts weights, 'int8' swaps every Linear and the embedding."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    if mode == "fp32":
+        return lm
+    if mode == "bf16":
+        return lm.to(torch.bfloat16)
+    for name, module in list(lm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child is not lm.lm_head:
+                setattr(module, child_name, Int8Linear(child))
+    lm.transformer.wte = Int8Embedding(lm.transformer.wte)
+    del lm.lm_head  # the head is the (quantised) embedding table
+    lm.lm_head = None
+    for m in lm.modules():  # norms: bf16 weights, fp32 compute inside RMSNorm
+        if hasattr(m, "eps"):
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    return lm
