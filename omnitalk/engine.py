@@ -278,70 +278,15 @@ class OmniModel:
 
         stream_mode 'context' (default): each chunk is decoded with codec context so the concatenated
         audio equals a one-pass decode; the last partial chunk is flushed; text deltas never split a
-        UTF-8 character. 'reference': the release's chunks exactly (frames decoded `stride` at a time
-        on their own, no clipping, last partial chunk and its text dropped, per-chunk text decode).
+        UTF-8 character and go out as soon as they are whole. 'reference': the release's chunks exactly
+        (frames decoded `stride` at a time on their own, no clipping, last partial chunk and its text
+        dropped, per-chunk text decode).
         """
-        if stream_mode not in ("context", "reference"):
-            raise InputError(f"stream_mode must be 'context' or 'reference', got {stream_mode!r}")
         req = req or self.request(**inputs)
-        reference = stream_mode == "reference"
-        layout, empty = self.layout, np.zeros(0, np.int16)
-        texts: list[int] = []
-        text_done = False            # `_eot` seen: later text ids are not part of the answer
-        text_sent = 0                # reference mode: index of the next text id to decode
-        live = StreamingText(self.tokenizer)
-        layers: list[list[int]] = [[] for _ in range(layout.n_audio_layers)]
-        codec_stream = StreamDecoder(self.codec, stride, stream_mode, seed=snac_seed, noise=snac_noise) \
-            if req.speaks else None
-        audio_ok = True
-
-        def reference_text() -> str:  # the release: decode the new ids, cut at `_eot`, nothing after it
-            nonlocal text_sent
-            if text_sent == -1:
-                return ""
-            new = texts[text_sent:]
-            text_sent = len(texts)
-            if layout.eot in new:
-                new, text_sent = new[:new.index(layout.eot)], -1
-            return self.tokenizer.decode(new) if new else ""
-
-        for k, step in enumerate(self.steps(req, max_tokens, sampling)):
-            texts.append(step.text)
-            if step.text == layout.eot:
-                text_done = True
-            elif not reference and not text_done:
-                delta = live.push([step.text])  # text goes out as soon as it is whole
-                if delta:
-                    yield StreamChunk(empty, delta)
-            if codec_stream is None:
-                continue
-            for j, tok in enumerate(step.audio):
-                layers[j].append(tok)
-            f = k - layout.n_audio_layers  # the frame whose layer-6 token arrived at this step
-            if f < 0 or not audio_ok:
-                continue
-            frame = [layers[j][f + 1 + j] for j in range(layout.n_audio_layers)]
-            if max(frame) >= layout.codebook_size:
-                if reference:
-                    raise InputError(f"frame {f} holds an audio special id ({frame}); the release would index "
-                                     "past the SNAC codebook here")
-                audio_ok = False  # the model broke its own audio; keep the text, stop the speech
-                continue
-            for chunk in codec_stream.push(frame):
-                if reference:
-                    yield StreamChunk(pcm_reference(chunk.numpy()), reference_text())
-                else:
-                    yield StreamChunk(to_pcm16(chunk.numpy()), "")
-        if reference:
-            if codec_stream is None:  # text-only loops of the release return their text once, at the end
-                text = reference_text()
-                if text:
-                    yield StreamChunk(empty, text)
-            return
-        tail = codec_stream.flush() if codec_stream is not None else None
-        rest = live.flush()
-        if tail is not None or rest:
-            yield StreamChunk(to_pcm16(tail.numpy()) if tail is not None else empty, rest)
+        asm = ChunkAssembler(self, req.speaks, stream_mode, stride, snac_seed, snac_noise)
+        for step in self.steps(req, max_tokens, sampling):
+            yield from asm.push(step)
+        yield from asm.finish()
 
     # ---- whole answers ------------------------------------------------------------------
     def generate(self, req: Request | None = None, *, max_tokens: int = 2048, sampling: Sampling = Sampling(),
@@ -362,6 +307,78 @@ class OmniModel:
         if decode_audio:
             wav = self.codec.decode(frames, noise=snac_noise, seed=snac_seed).numpy()
         return Reply(text, tokens, frames, wav)
+
+
+class ChunkAssembler:
+    """Turns recorded decoding steps into StreamChunks: SNAC frames -> PCM chunks, text ids -> deltas."""
+
+    def __init__(self, model: OmniModel, speaks: bool, stream_mode: str = "context", stride: int = 4,
+                 snac_seed: int | None = None, snac_noise: bool = True):
+        if stream_mode not in ("context", "reference"):
+            raise InputError(f"stream_mode must be 'context' or 'reference', got {stream_mode!r}")
+        self.layout, self.tokenizer = model.layout, model.tokenizer
+        self.reference = stream_mode == "reference"
+        self.codec = StreamDecoder(model.codec, stride, stream_mode, seed=snac_seed, noise=snac_noise) \
+            if speaks else None
+        self.texts: list[int] = []
+        self.layers: list[list[int]] = [[] for _ in range(self.layout.n_audio_layers)]
+        self.text_done = False  # `_eot` seen: later text ids are not part of the answer
+        self.text_sent = 0      # reference mode: index of the next text id to decode (-1: ended)
+        self.live = StreamingText(self.tokenizer)
+        self.audio_ok = True
+        self.frames = 0         # SNAC frames passed to the codec
+
+    def _reference_text(self) -> str:  # the release: decode the new ids, cut at `_eot`, nothing after it
+        if self.text_sent == -1:
+            return ""
+        new = self.texts[self.text_sent:]
+        self.text_sent = len(self.texts)
+        if self.layout.eot in new:
+            new, self.text_sent = new[:new.index(self.layout.eot)], -1
+        return self.tokenizer.decode(new) if new else ""
+
+    def push(self, step: Step) -> list[StreamChunk]:
+        out, L, empty = [], self.layout, np.zeros(0, np.int16)
+        k = len(self.texts)
+        self.texts.append(step.text)
+        if step.text == L.eot:
+            self.text_done = True
+        elif not self.reference and not self.text_done:
+            delta = self.live.push([step.text])  # text goes out as soon as it is whole
+            if delta:
+                out.append(StreamChunk(empty, delta))
+        if self.codec is None:
+            return out
+        for j, tok in enumerate(step.audio):
+            self.layers[j].append(tok)
+        f = k - L.n_audio_layers  # the frame whose layer-6 token arrived at this step
+        if f < 0 or not self.audio_ok:
+            return out
+        frame = [self.layers[j][f + 1 + j] for j in range(L.n_audio_layers)]
+        if max(frame) >= L.codebook_size:
+            if self.reference:
+                raise InputError(f"frame {f} holds an audio special id ({frame}); the release would index "
+                                 "past the SNAC codebook here")
+            self.audio_ok = False  # the model broke its own audio; keep the text, stop the speech
+            return out
+        self.frames += 1
+        for chunk in self.codec.push(frame):
+            if self.reference:
+                out.append(StreamChunk(pcm_reference(chunk.numpy()), self._reference_text()))
+            else:
+                out.append(StreamChunk(to_pcm16(chunk.numpy()), ""))
+        return out
+
+    def finish(self) -> list[StreamChunk]:
+        empty = np.zeros(0, np.int16)
+        if self.reference:
+            text = self._reference_text() if self.codec is None else ""  # text-only loops: text once, at the end
+            return [StreamChunk(empty, text)] if text else []
+        tail = self.codec.flush() if self.codec is not None else None
+        rest = self.live.flush()
+        if tail is None and not rest:
+            return []
+        return [StreamChunk(to_pcm16(tail.numpy()) if tail is not None else empty, rest)]
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -74,6 +74,66 @@ def _margins(logits: torch.Tensor) -> list[float]:
 MODES = ("text", "speech", "pair")
 
 
+class StepRules:
+    """The stop/forcing/feedback rules of one request, one step at a time (shared by `decode` and the
+    multi-session scheduler). `take(h)` samples step k from the last hidden states h (B, C) and returns
+    the recorded Step, or None when the loop ends; `inputs` then holds the (B, 8, 1) ids to feed."""
+
+    def __init__(self, lm: OmniLM, layout: TokenLayout, mode: str, max_tokens: int, sampling: Sampling,
+                 margins: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.lm, self.layout, self.mode, self.max_tokens = lm, layout, mode, max_tokens
+        self.sampling, self.margins = sampling, margins
+        self.B = 2 if mode == "pair" else 1
+        device = lm.transformer.ln_f.weight.device
+        self.gen = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
+        n_audio = layout.n_audio_layers
+        self.offsets = torch.tensor([layout.audio_offset(j) for j in range(n_audio)], device=device)
+        self.pad_audio = self.offsets + layout.pad_a                     # (7,) absolute `_pad_a`
+        self.inputs = torch.empty(self.B, layout.n_streams, 1, dtype=torch.long, device=device)
+        self.k = 0              # steps recorded so far
+        self.text_end = False   # `_eot` recorded: later text is forced to `_pad_t`
+        self.done = False       # no more steps: nothing to feed
+
+    @torch.inference_mode()
+    def take(self, h: torch.Tensor) -> Step | None:
+        lm, L, n_audio, k = self.lm, self.layout, self.layout.n_audio_layers, self.k
+        if self.done:
+            return None
+        if self.mode == "text":
+            t_logits = lm.text_logits(h)
+            text = int(sample(t_logits, self.sampling, self.gen)[0])
+            if k > 0 and text == L.eot:
+                self.done = True
+                return None
+            step = Step(text, margins=_margins(t_logits) if self.margins else None)
+            self.inputs[0, :n_audio, 0] = self.pad_audio
+        else:
+            a_logits = lm.audio_logits(h[0])                                # (7, Va), item 0
+            t_logits = lm.text_logits(h[self.B - 1:self.B])                 # (1, Vt), item 1 in a pair
+            audio = sample(a_logits, self.sampling, self.gen)               # (7,) local ids
+            text = int(sample(t_logits, self.sampling, self.gen)[0])
+            if k > 0:
+                if self.text_end:
+                    text = L.pad_t
+                if int(audio[-1]) == L.eoa:
+                    self.done = True
+                    return None
+                if text == L.eot:
+                    self.text_end = True
+            step = Step(text, audio.tolist(), _margins(a_logits) + _margins(t_logits) if self.margins else None)
+            self.inputs[0, :n_audio, 0] = audio + self.offsets
+            if self.mode == "pair":
+                self.inputs[1, :n_audio, 0] = self.pad_audio
+        self.inputs[:, n_audio, 0] = text
+        self.k += 1
+        self.done = self.k >= self.max_tokens  # the last recorded step is never fed back
+        return step
+
+
 @torch.inference_mode()
 def decode(lm: OmniLM, layout: TokenLayout, prompts: list[Prompt], features: list[tuple[int, torch.Tensor]],
            mode: str, max_tokens: int, sampling: Sampling = Sampling(), start_pos: int = 0,
@@ -82,65 +142,28 @@ def decode(lm: OmniLM, layout: TokenLayout, prompts: list[Prompt], features: lis
 
     mode 'text' / 'speech' take one prompt, 'pair' takes [speaking prompt, text-only prompt].
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-    B = 2 if mode == "pair" else 1
-    if len(prompts) != B:
-        raise ValueError(f"mode {mode!r} needs {B} prompt(s), got {len(prompts)}")
+    rules = StepRules(lm, layout, mode, max_tokens, sampling, margins)
+    if len(prompts) != rules.B:
+        raise ValueError(f"mode {mode!r} needs {rules.B} prompt(s), got {len(prompts)}")
     T = prompts[0].length
     if any(p.length != T for p in prompts):
         raise ValueError("the prompts of a pair must have the same length")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     ctx = lm.cfg.block_size
     if start_pos + T >= ctx:
         raise ValueError(f"the prompt has {T} positions but the model's context is {ctx}; "
                          "shorten the input (text or audio)")
-    max_tokens = min(max_tokens, ctx - start_pos - T)  # the last recorded step is never fed back
-
-    device = lm.transformer.wte.weight.device
-    gen = None
-    if sampling.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    rules.max_tokens = min(max_tokens, ctx - start_pos - T)
+    device = rules.inputs.device
     if start_pos == 0:
-        lm.setup_cache(B, T + max_tokens)
+        lm.setup_cache(rules.B, T + rules.max_tokens)
 
     ids = torch.as_tensor(np.stack([p.ids for p in prompts]), device=device)  # (B, 8, T)
-    feats = [(p, f.to(device).expand(B, -1, -1)) for p, f in features]
+    feats = [(p, f.to(device).expand(rules.B, -1, -1)) for p, f in features]
     h = lm.forward_hidden(lm.embed(ids, feats), start_pos)[:, -1]  # (B, C)
     pos = start_pos + T
-
-    n_audio = layout.n_audio_layers
-    offsets = torch.tensor([layout.audio_offset(j) for j in range(n_audio)], device=device)
-    pad_audio = offsets + layout.pad_a                                      # (7,) absolute `_pad_a`
-    nxt = torch.empty(B, layout.n_streams, 1, dtype=torch.long, device=device)
-    text_end = False
-    for k in range(max_tokens):
-        if mode == "text":
-            t_logits = lm.text_logits(h)
-            text = int(sample(t_logits, sampling, gen)[0])
-            if k > 0 and text == layout.eot:
-                return
-            yield Step(text, margins=_margins(t_logits) if margins else None)
-            nxt[0, :n_audio, 0] = pad_audio
-        else:
-            a_logits = lm.audio_logits(h[0])                                # (7, Va), item 0
-            t_logits = lm.text_logits(h[B - 1:B])                           # (1, Vt), item 1 in a pair
-            audio = sample(a_logits, sampling, gen)                         # (7,) local ids
-            text = int(sample(t_logits, sampling, gen)[0])
-            if k > 0:
-                if text_end:
-                    text = layout.pad_t
-                if int(audio[-1]) == layout.eoa:
-                    return
-                if text == layout.eot:
-                    text_end = True
-            yield Step(text, audio.tolist(), _margins(a_logits) + _margins(t_logits) if margins else None)
-            nxt[0, :n_audio, 0] = audio + offsets
-            if mode == "pair":
-                nxt[1, :n_audio, 0] = pad_audio
-        if k == max_tokens - 1:
+    while (step := rules.take(h)) is not None:
+        yield step
+        if rules.done:
             return
-        nxt[:, n_audio, 0] = text
-        h = lm.forward_hidden(lm.embed(nxt), pos)[:, -1]
+        h = lm.forward_hidden(lm.embed(rules.inputs), pos)[:, -1]
         pos += 1

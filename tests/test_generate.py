@@ -17,7 +17,8 @@ class ScriptedLM:
 
     def __init__(self, script, batch=1):
         self.cfg, self.script, self.k, self.fed = CFG, script, 0, []
-        self.transformer = type("T", (), {"wte": type("W", (), {"weight": torch.zeros(1)})()})()
+        weight = type("W", (), {"weight": torch.zeros(1)})()
+        self.transformer = type("T", (), {"wte": weight, "ln_f": weight})()
         self.batch = batch
 
     def setup_cache(self, B, n):

@@ -71,6 +71,34 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class SlotCache(nn.Module):
+    """Keys and values of many sequences in fixed rows of one pool (per layer), for continuous batching.
+
+    Each call names the rows it touches: a prefill writes positions [pos, pos+T) of some rows; a batched
+    decode step writes one position per row, each at its own `pos[r]`, and attends over that row's prefix.
+    """
+
+    def __init__(self, rows: int, n_groups: int, max_len: int, head_size: int, dtype, device):
+        super().__init__()
+        shape = (rows, n_groups, max_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor):
+        """-> (keys, values, mask or None) for attention of the written positions."""
+        if isinstance(pos, int):  # k: (B, ng, T, hs) for rows (B,)
+            end = pos + k.size(2)
+            self.k[rows, :, pos:end] = k
+            self.v[rows, :, pos:end] = v
+            return self.k[rows, :, :end], self.v[rows, :, :end], None
+        # one position per row: k (B, ng, 1, hs), pos (B,)
+        self.k[rows, :, pos] = k[:, :, 0]
+        self.v[rows, :, pos] = v[:, :, 0]
+        S = int(pos.max()) + 1
+        mask = (torch.arange(S, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        return self.k[rows, :, :S], self.v[rows, :, :S], mask
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -80,7 +108,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(self.nh * self.hs, cfg.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos, cache=None, rows=None):
+        """pos: int (every row at pos..pos+T-1) or (B,) positions of a one-step batch over a SlotCache."""
         B, T, _ = x.shape
         q_per_kv = self.nh // self.ng
         qkv = self.attn(x).view(B, T, self.ng, q_per_kv + 2, self.hs)
@@ -88,11 +117,14 @@ class CausalSelfAttention(nn.Module):
         k = qkv[:, :, :, q_per_kv].transpose(1, 2)                                 # (B, ng, T, hs)
         v = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)                             # (B, ng, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(pos, k, v, rows)
+        elif self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
         S = k.size(2)  # keys visible: everything cached so far
-        if T == 1:
-            mask, causal = None, False
+        if mask is not None or T == 1:
+            causal = False
         elif S == T:
             mask, causal = None, True
         else:  # a chunk appended after cached positions (multi-turn): causal within the chunk
@@ -111,8 +143,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.n_embd, cfg.intermediate_size, cfg.n_embd)
 
-    def forward(self, x, cos, sin, pos):
-        x = x + self.attn(self.norm_1(x), cos, sin, pos)
+    def forward(self, x, cos, sin, pos, cache=None, rows=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, pos, cache, rows)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -173,15 +205,33 @@ class OmniLM(nn.Module):
             x = x + emb[:, s]
         return x / ids.size(1)
 
-    def forward_hidden(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x (B, T, C) at absolute positions pos..pos+T-1 -> final hidden states (B, T, C) after ln_f."""
+    def forward_hidden(self, x: torch.Tensor, pos, caches: list | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) -> final hidden states (B, T, C) after ln_f.
+
+        pos: int, the absolute position of x[:, 0] (every row alike), or a (B,) tensor of per-row
+        positions for a one-step batch (T == 1) over `caches` (one SlotCache per layer) at `rows`.
+        Without `caches` the module's own KVCache (setup_cache) is used, if any.
+        """
         T = x.size(1)
-        if pos + T > self.cfg.block_size:
-            raise ValueError(f"position {pos + T} exceeds the model's context of {self.cfg.block_size}")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        for block in self.transformer.h:
-            x = block(x, cos, sin, pos)
+        last = (int(pos) if isinstance(pos, int) else int(pos.max())) + T
+        if last > self.cfg.block_size:
+            raise ValueError(f"position {last} exceeds the model's context of {self.cfg.block_size}")
+        if isinstance(pos, int):
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        else:  # (B, 1, 1, hs): each row rotated at its own position
+            cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, pos, None if caches is None else caches[i], rows)
         return self.transformer.ln_f(x)
+
+    def slot_caches(self, rows: int, max_len: int) -> list[SlotCache]:
+        """A pool of `rows` cache rows of `max_len` positions per layer (continuous batching)."""
+        if max_len > self.cfg.block_size:
+            raise ValueError(f"{max_len} positions exceed the model's context of {self.cfg.block_size}")
+        dev = self.transformer.ln_f.weight.device
+        return [SlotCache(rows, self.cfg.n_query_groups, max_len, self.cfg.head_size, self.act_dtype, dev)
+                for _ in self.transformer.h]
 
     def _head(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
         """Only the rows of the tied head that are asked for: each step reads each head row once."""
