@@ -261,6 +261,24 @@ def run_info(args) -> int:
 
 # ---- entry point -------------------------------------------------------------------------------
 # ---- subcommands that live with their subsystem -------------------------------------------------
+@subcommand("train")
+def add_train(sub) -> None:
+    from omnitalk.train import cli as train_cli
+    train_cli.add_train(sub)
+
+
+@subcommand("plot-metrics")
+def add_plot_metrics(sub) -> None:
+    from omnitalk.train import cli as train_cli
+    train_cli.add_plot_metrics(sub)
+
+
+@subcommand("export")
+def add_export(sub) -> None:
+    from omnitalk.train import cli as train_cli
+    train_cli.add_export(sub)
+
+
 @subcommand("data")
 def add_data(sub) -> None:
     from omnitalk.train.data_cli import register

@@ -85,6 +85,9 @@ class OmniModel:
         self.tokenizer, self.device = tokenizer, device
         self.layout = TokenLayout.from_config(cfg)
         self.path: Path | None = None  # the checkpoint directory, when loaded from files
+        # 'exact': Whisper over the padded 30-s window, as the release (parity). 'trimmed': only the frames
+        # the input needs — much faster for short questions, features differ slightly (docs/performance.md)
+        self.whisper_window = "exact"
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -181,7 +184,11 @@ class OmniModel:
         x = audio_io.load_audio(audio, sr=sr)
         audio_io.check_duration(x)
         L = audio_io.num_whisper_frames(len(x))
-        mel = audio_io.log_mel_spectrogram(x)
+        if self.whisper_window == "trimmed":  # 2L mel frames cover the L frames the LLM takes
+            mel = audio_io.log_mel_spectrogram(x, padding_to=None)[..., : 2 * L]
+            mel = torch.nn.functional.pad(mel, (0, 2 * L - mel.size(-1)), value=float(mel.min()))
+        else:
+            mel = audio_io.log_mel_spectrogram(x)
         feats = whisper_encode(self.whisper, mel)[0, :L]  # (L, d_whisper)
         return self.lm.whisper_adapter(feats.to(self.lm.act_dtype))
 

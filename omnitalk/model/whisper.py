@@ -99,11 +99,12 @@ class AudioEncoder(nn.Module):
         self.ln_post = LayerNorm(d)
 
     def forward(self, mel: Tensor) -> Tensor:
-        """mel: (B, n_mels, 2*n_audio_ctx) -> features (B, n_audio_ctx, d)."""
-        x = F.gelu(self.conv1(mel))  # (B, d, 3000)
-        x = F.gelu(self.conv2(x))  # (B, d, 1500)
-        x = x.permute(0, 2, 1)  # (B, 1500, d)
-        x = (x + self.positional_embedding).to(x.dtype)
+        """mel: (B, n_mels, 2n) -> features (B, n, d); n = n_audio_ctx (1500) for the exact 30-s window,
+        fewer for a trimmed window (positions 0..n-1 of the table)."""
+        x = F.gelu(self.conv1(mel))  # (B, d, 2n)
+        x = F.gelu(self.conv2(x))  # (B, d, n)
+        x = x.permute(0, 2, 1)  # (B, n, d)
+        x = (x + self.positional_embedding[: x.size(1)]).to(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.ln_post(x)
@@ -117,7 +118,7 @@ def encode(encoder: AudioEncoder, mel) -> Tensor:
         mel = mel.unsqueeze(0)
     dims = encoder.dims
     want = (dims.n_mels, 2 * dims.n_audio_ctx)
-    if mel.dim() != 3 or tuple(mel.shape[1:]) != want:
+    if mel.dim() != 3 or mel.shape[1] != want[0] or mel.shape[2] > want[1] or mel.shape[2] % 2:
         raise InputError(f"whisper encoder expects log-mels of shape (B, {want[0]}, {want[1]}), got "
                          f"{tuple(mel.shape)}; make them with omnitalk.audio.log_mel_spectrogram (pads to 30 s)")
     p = encoder.conv1.weight

@@ -1,0 +1,251 @@
+"""The loop: it learns in every stage, freezes what the stage freezes, resumes exactly after SIGTERM,
+reads YAML configs and manifests, writes metrics and plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omnitalk.train.config import STAGE_LR, TrainConfig, TrainConfigError
+from omnitalk.train.loop import BatchPlan, build_model, lr_at, model_config, run
+from omnitalk.train.metrics import read_jsonl
+from test_train_sequences import synthetic, train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path / "lit_model.pth", map_location="cpu", weights_only=True)
+
+
+def _initial(cfg) -> dict:
+    torch.manual_seed(cfg.seed)
+    lm = build_model(cfg, model_config(cfg))
+    return {k: v.clone() for k, v in lm.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_falls_and_stage_freezing(tmp_path, stage):
+    # stage 1 trains only the adapters, on speech/image questions; through a frozen *random* LLM that only
+    # works when the LLM passes signal along (larger init), as a pre-trained one does
+    tasks = ("asr", "image") if stage == 1 else ("qa_speech", "asr", "image", "interrupt", "text")
+    recs, feats = synthetic(2, tasks=tasks)
+    cfg = train_config(tmp_path, stage=stage, optim=dict(lr=1e-2, warmup_steps=3, steps=30, weight_decay=0.0),
+                       batch=dict(batch_size=len(recs)), model=dict(init_std=0.3 if stage == 1 else 0.02))
+    res = run(cfg, records=recs, features=feats)
+    assert not res.stopped and res.step == 30 and res.path == tmp_path / "final"
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.75 * losses[0], losses
+    before, after = _initial(cfg), _state(res.path)
+    changed = {k for k in before if k != "lm_head.weight" and not torch.equal(before[k], after[k])}
+    adapters = {k for k in before if "adapter" in k}
+    llm = {k for k in before if k.startswith("transformer.")}
+    if stage == 1:
+        assert changed == adapters  # the LLM (and its tied head) stays exactly as it was
+    elif stage == 2:
+        assert changed == llm  # adapters frozen
+        assert rows[0]["audio"] == 0  # stage 2 answers in text only
+    else:
+        assert changed == adapters | llm
+        assert rows[0]["audio"] > 0
+    assert torch.equal(after["lm_head.weight"], after["transformer.wte.weight"])
+
+
+def test_sigterm_checkpoint_and_exact_resume(tmp_path):
+    recs, feats = synthetic(2, seed=1)
+    over = dict(optim=dict(lr=5e-3, warmup_steps=2, steps=9), batch=dict(batch_tokens=256, grad_accum=2),
+                checkpoint_every=4, keep_checkpoints=2)
+    straight = run(train_config(tmp_path / "a", **over), records=recs, features=feats)
+
+    def kill_at_5(step, row):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag
+
+    cfg = train_config(tmp_path / "b", **over)
+    stopped = run(cfg, records=recs, features=feats, callbacks=[kill_at_5])
+    assert stopped.stopped and stopped.step == 5 and stopped.path.name == "step-0000005"
+    assert (stopped.path / "state.pt").is_file() and not (tmp_path / "b" / "final").exists()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-0000005"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    resumed = run(cfg, resume=True, records=recs, features=feats)
+    assert not resumed.stopped and resumed.step == 9
+    a, b = _state(straight.path), _state(resumed.path)
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
+    rb = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert ra == rb  # the metrics file has each step once, with the same numbers
+    kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*"))
+    assert kept == ["step-0000008", "step-0000009"]
+
+
+def test_schedule_warmup_and_cosine():
+    cfg = TrainConfig.from_dict(dict(stage=1, optim=dict(warmup_steps=10, steps=110)))
+    assert (cfg.lr, cfg.min_lr) == STAGE_LR[1] == (1e-3, 4e-6)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx((1e-3 + 4e-6) / 2)
+    assert lr_at(110, cfg) == pytest.approx(4e-6)
+    assert TrainConfig.from_dict(dict(stage=2)).lr == 4e-4
+
+
+def test_batch_plan_is_deterministic_and_weighted():
+    cfg = TrainConfig.from_dict(dict(batch=dict(batch_size=3), seed=5))
+    plan = BatchPlan([1.0, 2.0, 0.0, 1.0, 1.0, 1.0], [10] * 6, cfg)
+    e0 = plan.epoch(0)
+    assert e0 == BatchPlan([1.0, 2.0, 0.0, 1.0, 1.0, 1.0], [10] * 6, cfg).epoch(0)
+    flat = [i for b in e0 for i in b]
+    assert flat.count(1) == 2 and 2 not in flat and len(flat) == 6
+    assert plan.epoch(1) != e0
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(TrainConfigError, match="unknown key"):
+        TrainConfig.from_dict(dict(optim=dict(learning_rate=1)))
+    with pytest.raises(TrainConfigError, match="stage"):
+        TrainConfig.from_dict(dict(stage=4))
+
+
+@pytest.mark.parametrize("name", ["mini-omni2-stage1", "mini-omni2-stage2", "mini-omni2-stage3",
+                                  "finetune-voice", "small-cpu"])
+def test_shipped_configs_parse(name):
+    cfg = TrainConfig.from_yaml(REPO / "configs" / f"{name}.yaml")
+    if cfg.model.init == "random":
+        m = model_config(cfg)
+        assert m.padded_vocab_size == m.text_vocab_size + 7 * m.audio_vocab_size
+    if name == "small-cpu":
+        m = model_config(cfg)
+        assert (m.n_layer, m.n_embd, m.n_head, m.n_query_groups) == (4, 256, 4, 2)
+        assert all(str(e["path"] if isinstance(e, dict) else e).startswith("runs/small-world/")
+                   for e in cfg.data.train)
+
+
+def _manifest(tmp_path: Path, tasks=("asr", "qa_speech", "image")) -> Path:
+    """A JSONL manifest whose question_audio / question_image point at saved features (.npy)."""
+    recs, feats = synthetic(1, tasks=tasks)
+    lines = []
+    for r in recs:
+        r = dict(r)
+        for key, get in (("question_audio", feats.audio), ("question_image", feats.image)):
+            if r.get(key):
+                f = tmp_path / f"{r[key]}.npy"
+                np.save(f, get(r[key]).numpy())
+                r[key] = f.name  # relative to the manifest's folder
+        lines.append(json.dumps(r))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "train.jsonl"
+
+
+def test_cli_on_a_manifest_with_saved_features_and_plot(tmp_path, capsys):
+    from omnitalk.train.cli import main
+
+    _manifest(tmp_path)
+    cfg = train_config(tmp_path / "run", optim=dict(steps=100),
+                       data=dict(train=[{"path": str(tmp_path / "train.jsonl"), "weight": 2.0}],
+                                 eval=[str(tmp_path / "train.jsonl")]), eval_every=2)
+    cfg.to_yaml(tmp_path / "train.yaml")
+    assert main(["train", str(tmp_path / "train.yaml"), "--max-steps", "3", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    rows = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert any("eval_loss" in r for r in rows)
+    header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "text", "audio", "lr", "tokens_per_s", "eval_loss"} <= set(header)
+    assert main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "lit_model.pth").is_file() and (tmp_path / "exp" / "model_config.yaml").is_file()
+    png = tmp_path / "loss.png"
+    assert main(["plot-metrics", str(tmp_path / "out" / "metrics.jsonl"), "--out", str(png)]) == 0
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size[0] >= 400 and im.format == "PNG"
+        assert len(im.convert("RGB").getcolors(1 << 20)) > 5  # something was drawn
+
+
+def test_pillow_plot_without_matplotlib(tmp_path):
+    from omnitalk.train.metrics import MetricsWriter, plot_metrics
+
+    w = MetricsWriter(tmp_path)
+    for s in range(1, 50):
+        w.log({"step": s, "loss": 10 / s, "text": 6 / s, "audio": 4 / s})
+    w.log({"step": 49, "eval_loss": 0.3})
+    out = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "p.png", backend="pillow")
+    assert out.stat().st_size > 1000
+
+
+HOOK_CALLS = []
+
+
+def eval_hook(model, step, cfg):
+    HOOK_CALLS.append(step)
+    return {"eval_custom": float(step)}
+
+
+def test_bf16_autocast_eval_hook_and_chunked_head(tmp_path):
+    recs, feats = synthetic(1)
+    cfg = train_config(tmp_path, dtype="bf16", optim=dict(steps=4), batch=dict(batch_size=3, head_chunk=5),
+                       eval_every=2, eval_hook="test_train_loop:eval_hook")
+    res = run(cfg, records=recs, eval_records=recs[:3], features=feats)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert [r["eval_custom"] for r in rows if "eval_custom" in r] == [2.0, 4.0] == HOOK_CALLS
+    assert all(math.isfinite(r["eval_loss"]) for r in rows if "eval_loss" in r)
+    w = torch.load(res.path / "lit_model.pth", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in w.values())  # master weights stay fp32
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
+    """The real thing: `torchrun --nproc_per_node 2 -m omnitalk.train.cli train`; SIGTERM reaches the
+    workers (as a scheduler's preemption notice does), the ranks agree on a step, save one checkpoint
+    and exit 0, so torchrun exits 0. (SIGTERM sent to torchrun itself is forwarded the same way, but
+    torchrun then reports its own signal with exit code 1 whatever the workers did.)"""
+    import subprocess
+    import sys
+    import time
+
+    from omnitalk.train.dist import free_port
+
+    manifest = _manifest(tmp_path)
+    cfg = train_config(tmp_path / "run", optim=dict(steps=100000, warmup_steps=2), batch=dict(batch_size=2),
+                       data=dict(train=[str(manifest)]), log_every=1)
+    cfg.to_yaml(tmp_path / "train.yaml")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "omnitalk.train.cli", "train", str(tmp_path / "train.yaml"),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(read_jsonl(metrics)) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    workers = [int(d) for d in os.listdir("/proc") if d.isdigit() and _ppid(int(d)) == proc.pid]
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    ck = tmp_path / "run" / "checkpoints"
+    name = (ck / "latest").read_text()
+    assert (ck / name / "state.pt").is_file()
+    step = int(name.split("-")[1])
+    assert step >= 2 and max(r["step"] for r in read_jsonl(metrics)) == step
