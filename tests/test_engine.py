@@ -143,3 +143,14 @@ def test_random_tiny_model_runs_every_mode():
     m = OmniModel.from_random("tiny", seed=2)
     r = m.generate(audio=WAV, image=IMG, max_tokens=16)
     assert r.tokens.shape == (8, 16)
+
+
+def test_trimmed_whisper_window_is_opt_in(model):
+    exact = model.audio_features(WAV)
+    model.whisper_window = "trimmed"
+    try:
+        trimmed = model.audio_features(WAV)
+    finally:
+        model.whisper_window = "exact"
+    assert trimmed.shape == exact.shape == (149, model.cfg.n_embd)
+    assert torch.equal(model.audio_features(WAV), exact)  # the default stays the release's 30-s window

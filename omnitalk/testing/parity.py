@@ -77,6 +77,8 @@ def equal(name, got, exp) -> Item:
 
 
 def check(root: Path, max_tokens: int = 48, stride: int = 4, snac_seed: int = 1234) -> list[Item]:
+    """Recompute and compare every expected file. The decoding settings are the caller's (defaults: the
+    official fixture's 48-step budget, stride 4, SNAC seed 1234): expected/ is only read to compare."""
     root = Path(root)
     exp_dir, inp = root / "expected", root / "inputs"
     model = OmniModel.from_pretrained(root / "checkpoint", device="cpu", download=False)
@@ -123,19 +125,35 @@ def check(root: Path, max_tokens: int = 48, stride: int = 4, snac_seed: int = 12
         req = model.request(audio=wav if how.get("audio") else None, image=image if how.get("image") else None,
                             text=prompt if how.get("text") else None, reply=how["reply"],
                             task=how.get("task", "qa"), strategy=how.get("strategy", "pair"))
-        items += check_task(model, req, exp_dir / name, name, max_tokens, stride, snac_seed)
+        task_items: list[Item] = []
+        try:
+            check_task(model, req, exp_dir / name, name, max_tokens, stride, snac_seed, out=task_items)
+        except Exception as e:  # an engine error is a failed item (after those already compared)
+            task_items.append(Item(name, False, f"recomputing raised {type(e).__name__}: {str(e)[:300]}"))
+        items += task_items
     return items
 
 
 def check_task(model: OmniModel, req: Request, d: Path, name: str, max_tokens: int, stride: int,
-               snac_seed: int) -> list[Item]:
-    out: list[Item] = []
+               snac_seed: int, out: list[Item] | None = None) -> list[Item]:
+    """Compare one task folder; every expected file is required (the stream files for the batch tasks)."""
+    out = [] if out is None else out
+    streamed = req.mode == "pair"  # the release streams the batch-parallel tasks only
+
+    def have(rel: str, required: bool = True) -> Path | None:
+        p = d / rel
+        if p.exists():
+            return p
+        if required:
+            out.append(Item(f"{name}/{rel}", False, "expected file missing"))
+        return None
+
     ids = np.stack([p.ids for p in req.prompts])
-    if (d / "input_ids.npy").exists():
-        out.append(tokens_equal(f"{name}/input_ids.npy", ids, np.load(d / "input_ids.npy")))
-    if (d / "prefill_logits.npz").exists():
+    if p := have("input_ids.npy"):
+        out.append(tokens_equal(f"{name}/input_ids.npy", ids, np.load(p)))
+    if p := have("prefill_logits.npz"):
         text, audio = model.prefill_logits(req)
-        e = np.load(d / "prefill_logits.npz")
+        e = np.load(p)
         out.append(close(f"{name}/prefill_logits.npz[text]", text.numpy(), e["text"], 1e-4, relative=True))
         out.append(close(f"{name}/prefill_logits.npz[audio]", audio.numpy(), e["audio"], 1e-4, relative=True))
     steps = list(model.steps(req, max_tokens, margins=True))
@@ -145,39 +163,43 @@ def check_task(model: OmniModel, req: Request, d: Path, name: str, max_tokens: i
     else:
         tokens = np.array([[s.text for s in steps]])
         margins = np.array([s.margins for s in steps], np.float32).T.reshape(1, -1)
-    exp_tokens = np.load(d / "tokens.npy") if (d / "tokens.npy").exists() else None
-    if exp_tokens is not None:
+    exp_tokens = None
+    if p := have("tokens.npy"):
+        exp_tokens = np.load(p)
         out.append(tokens_equal(f"{name}/tokens.npy", tokens, exp_tokens))
-    if (d / "margins.npy").exists():
-        e = np.load(d / "margins.npy")
+    if p := have("margins.npy"):
+        e = np.load(p)
         if exp_tokens is not None and tokens.shape == exp_tokens.shape:
             # forced `_pad_t` entries describe the ignored model choice in both; compare every entry
             out.append(close(f"{name}/margins.npy", margins, e, 1e-3))
         else:
             out.append(Item(f"{name}/margins.npy", False, "not comparable: token streams differ"))
-    if (d / "meta.json").exists():
-        meta = json.loads((d / "meta.json").read_text())
-        eot = model.layout.eot
-        texts = list(tokens[-1])
+    meta: dict = {}
+    eot = model.layout.eot
+    texts = list(tokens[-1])
+    if p := have("meta.json"):
+        meta = json.loads(p.read_text())
         out.append(equal(f"{name}/meta.json[steps_recorded]", len(steps), meta.get("steps_recorded")))
         if "eot_step" in meta:
             out.append(equal(f"{name}/meta.json[eot_step]", texts.index(eot) if eot in texts else None,
                              meta["eot_step"]))
+    if "decoded_text" in meta:
+        # what the release's task functions return: text-only loops decode every recorded id (the
+        # decoder skips `_eot`, which only a step-0 token can be); speech loops cut before `_eot`
+        cut = texts.index(eot) if req.speaks and eot in texts else len(texts)
+        out.append(equal(f"{name}/meta.json[decoded_text]", model.tokenizer.decode(texts[:cut]).strip(),
+                         meta["decoded_text"]))
     if not req.speaks:
-        if (d / "meta.json").exists() and "decoded_text" in meta:
-            cut = texts.index(eot) if eot in texts else len(texts)
-            out.append(equal(f"{name}/meta.json[decoded_text]", model.tokenizer.decode(texts[:cut]).strip(),
-                             meta["decoded_text"]))
         return out
     # ---- speech: codes, streaming chunks, whole-answer decode --------------------------------------
     from omnitalk.codec import frames_from_layers, frames_to_codes
 
     frames = frames_from_layers(tokens[:7])
     codes = [c[0].tolist() for c in frames_to_codes(frames)]
-    if (d / "snac_codes.json").exists():
-        out.append(equal(f"{name}/snac_codes.json", codes, json.loads((d / "snac_codes.json").read_text())))
-    if (d / "stream.json").exists():
-        spec = json.loads((d / "stream.json").read_text())
+    if p := have("snac_codes.json", streamed):
+        out.append(equal(f"{name}/snac_codes.json", codes, json.loads(p.read_text())))
+    if p := have("stream.json", streamed):
+        spec = json.loads(p.read_text())
         chunks = list(model.stream(req, max_tokens=max_tokens, stream_mode="reference", stride=stride,
                                    snac_seed=snac_seed))
         exp_chunks = spec["chunks"]
@@ -189,19 +211,23 @@ def check_task(model: OmniModel, req: Request, d: Path, name: str, max_tokens: i
         out.append(equal(f"{name}/stream.json[codes]", got_codes, [c["codes"] for c in exp_chunks]))
         if "text_concat_of_deltas" in meta:
             out.append(equal(f"{name}/meta.json[text]", "".join(c.text for c in chunks), meta["text_concat_of_deltas"]))
-        for i, c in enumerate(chunks):
-            p = d / "stream" / f"chunk_{i:02d}.npy"
-            if p.exists():
-                out.append(close(f"{name}/stream/{p.name}", c.audio, np.load(p), 1))
-    if (d / "full_float.npy").exists() or (d / "full.wav").exists():
+        for i in range(len(exp_chunks)):
+            if (p := have(f"stream/chunk_{i:02d}.npy")) and i < len(chunks):
+                out.append(close(f"{name}/stream/{p.name}", chunks[i].audio, np.load(p), 1))
+        listed = {f"chunk_{i:02d}.npy" for i in range(len(exp_chunks))}
+        stray = sorted(f.name for f in (d / "stream").glob("*.npy") if f.name not in listed)
+        if stray:
+            out.append(Item(f"{name}/stream", False, f"chunk files not listed in stream.json: {stray}"))
+    full_float, full_wav = have("full_float.npy", streamed), have("full.wav", streamed)
+    if full_float or full_wav:
         full = model.codec.decode(frames, seed=snac_seed).numpy()
-        if (d / "full_float.npy").exists():
-            out.append(close(f"{name}/full_float.npy", full, np.load(d / "full_float.npy"), 1e-4))
-        if (d / "full.wav").exists():
+        if full_float:
+            out.append(close(f"{name}/full_float.npy", full, np.load(full_float), 1e-4))
+        if full_wav:
             buf = io.BytesIO()
             sf.write(buf, full, 24000, format="WAV", subtype="PCM_16")  # what the release saves
             got, _ = sf.read(io.BytesIO(buf.getvalue()), dtype="int16")
-            exp, _ = sf.read(d / "full.wav", dtype="int16")
+            exp, _ = sf.read(full_wav, dtype="int16")
             out.append(close(f"{name}/full.wav", got, exp, 1))
     return out
 
@@ -252,11 +278,11 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fixture", type=Path, help="folder with checkpoint/, inputs/, expected/")
     ap.add_argument("--manifests", type=Path, help="also check full-size key/shape manifests in this folder")
-    ap.add_argument("--max-tokens", type=int, default=48, help="recorded-step budget the fixture used (48)")
-    ap.add_argument("--stride", type=int, default=4, help="streaming stride the fixture used (4)")
+    ap.add_argument("--max-tokens", type=int, default=48, help="recorded-step budget the fixture was made "
+                    "with (default 48, the official fixture's)")
+    ap.add_argument("--stride", type=int, default=4, help="streaming stride the fixture was made with (4)")
     ap.add_argument("--snac-seed", type=int, default=1234, help="torch seed set before every SNAC decode (1234)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     items = check(a.fixture, a.max_tokens, a.stride, a.snac_seed)
     if a.manifests:
         items += check_manifests(a.manifests)
