@@ -16,7 +16,6 @@ import argparse
 import importlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -348,19 +347,3 @@ def run_agreement(args) -> int:
     rep = evaluate_agreement(_load_model(args), recs, recognizer, args.max_tokens, progress=not args.quiet)
     acc = "" if rep["spoken_accuracy"] is None else f", spoken answers correct {100 * rep['spoken_accuracy']:.1f}%"
     return _write(rep, args, f"spoken-vs-text WER {100 * rep['agreement_wer']:.2f}% on {rep['n']} answers{acc}")
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (python -m omnitalk.eval.cli eval ...)."""
-    parser = argparse.ArgumentParser(prog="omnitalk")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (OmnitalkError, FileNotFoundError, ValueError) as e:
-        print(f"omnitalk: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from omnitalk.errors import InputError, OmnitalkError
@@ -231,19 +230,3 @@ def run_interrupt(args) -> int:
     pos = sum(1 for r in recs if r["command"])
     print(f"{len(recs)} interrupt records ({pos} with the command) -> {path}")
     return 0
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (python -m omnitalk.train.data_cli data ...), for use before the lead wires it."""
-    parser = argparse.ArgumentParser(prog="omnitalk")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (OmnitalkError, FileNotFoundError, ValueError) as e:
-        print(f"omnitalk: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
