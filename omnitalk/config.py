@@ -10,6 +10,20 @@ import yaml
 from omnitalk.errors import CheckpointError
 
 
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception] = CheckpointError) -> dict:
+    """A YAML file that must hold a mapping (an empty file is an empty mapping), or `error` saying why."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
+    if d is not None and not isinstance(d, dict):
+        raise error(f"{what} {path} is not a YAML mapping")
+    return d or {}
+
+
 @dataclass
 class Config:
     # LLM (Qwen2-0.5B as shipped)
@@ -69,16 +83,7 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"model config not found: {path}")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise CheckpointError(f"model config {path} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"model config {path} is not a YAML mapping")
-        return cls.from_dict(d)
+        return cls.from_dict(read_yaml_mapping(path, "model config"))
 
     def to_dict(self) -> dict:
         """The YAML fields. Our own fields (n_audio_layers, n_specials) only when they differ from the

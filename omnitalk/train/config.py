@@ -150,16 +150,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"training config not found: {path}")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"{path} is not valid YAML: {e}") from None
-        if d is not None and not isinstance(d, dict):
-            raise TrainConfigError(f"{path} must be a YAML mapping")
-        return cls.from_dict(d or {}, str(path))
+        from omnitalk.config import read_yaml_mapping
+        return cls.from_dict(read_yaml_mapping(path, "training config", TrainConfigError), str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
