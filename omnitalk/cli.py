@@ -261,6 +261,12 @@ def run_info(args) -> int:
 
 # ---- entry point -------------------------------------------------------------------------------
 # ---- subcommands that live with their subsystem -------------------------------------------------
+@subcommand("bench")
+def add_bench(sub) -> None:
+    from omnitalk.bench_cli import register
+    register(sub)
+
+
 @subcommand("train")
 def add_train(sub) -> None:
     from omnitalk.train import cli as train_cli

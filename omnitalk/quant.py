@@ -24,7 +24,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     """x (..., K) @ (q * scales).T -> (..., N) in x's dtype (bf16 on CPU)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.device.type == "cpu" or x2.device.type == "mps":
+    if x2.size(0) > 16:  # prefill: the int8 kernel is built for a few rows; dequantise once instead
+        y = F.linear(x2.float(), q.float() * scales.float()[:, None]).to(x.dtype)
+    elif x2.device.type == "cpu" or x2.device.type == "mps":
         y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scales.to(torch.bfloat16)).to(x.dtype)
     else:  # CUDA: dequantise on the fly (fused by torch.compile when enabled)
         y = F.linear(x2, q.to(x2.dtype)) * scales.to(x2.dtype)

@@ -119,8 +119,9 @@ def encode(encoder: AudioEncoder, mel) -> Tensor:
     dims = encoder.dims
     want = (dims.n_mels, 2 * dims.n_audio_ctx)
     if mel.dim() != 3 or mel.shape[1] != want[0] or mel.shape[2] > want[1] or mel.shape[2] % 2:
-        raise InputError(f"whisper encoder expects log-mels of shape (B, {want[0]}, {want[1]}), got "
-                         f"{tuple(mel.shape)}; make them with omnitalk.audio.log_mel_spectrogram (pads to 30 s)")
+        raise InputError(f"whisper encoder expects log-mels of shape (B, {want[0]}, {want[1]}) (or an even number "
+                         f"of frames below {want[1]} for a trimmed window), got {tuple(mel.shape)}; make them with "
+                         "omnitalk.audio.log_mel_spectrogram (pads to 30 s)")
     p = encoder.conv1.weight
     return encoder(mel.to(device=p.device, dtype=p.dtype))
 

@@ -51,8 +51,10 @@ def test_batch_and_bad_mel_shape(encoder):
     mel = torch.from_numpy(np.load(FIX / "expected" / "mel.npy"))
     out = encode(encoder, torch.stack([mel, mel.flip(-1)]))
     torch.testing.assert_close(out[0], encode(encoder, mel)[0])
-    with pytest.raises(InputError, match=r"\(B, 80, 3000\)"):
-        encode(encoder, mel[:, :1000])
+    for bad in (mel[:, :1001], mel[:40], torch.cat([mel, mel], -1)):  # odd, too few mels, over 30 s
+        with pytest.raises(InputError, match=r"\(B, 80, 3000\)"):
+            encode(encoder, bad)
+    assert encode(encoder, mel[:, :1000]).shape[1] == 500  # a trimmed window: 2 mel frames per feature
 
 
 def test_bfloat16_load():
