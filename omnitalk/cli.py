@@ -261,6 +261,12 @@ def run_info(args) -> int:
 
 # ---- entry point -------------------------------------------------------------------------------
 # ---- subcommands that live with their subsystem -------------------------------------------------
+@subcommand("serve")
+def add_serve(sub) -> None:
+    from omnitalk.server.cli import register
+    register(sub)
+
+
 @subcommand("bench")
 def add_bench(sub) -> None:
     from omnitalk.bench_cli import register
