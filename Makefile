@@ -10,7 +10,7 @@ CKPT    ?= checkpoint
 # Debian packages the tests use: espeak-ng (synthetic speech), chromium + driver (the web page's test)
 SYSDEPS := espeak-ng chromium chromium-driver
 
-.PHONY: install sysdeps test test-fast demo parity bench clean
+.PHONY: install sysdeps test test-fast demo parity bench train-small clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,9 @@ parity: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --preset mini-omni2 --random-weights --mode all --json benchmarks/results.json
+
+train-small: $(STAMP) sysdeps
+	$(BIN)/python scripts/train_small.py --recipe configs/small-recipe.yaml --docs-img docs/img
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

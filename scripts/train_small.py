@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""The small CPU recipe end to end (issue 4, "Proof that it learns, on a 2-core CPU"; docs/training.md).
+
+    python scripts/train_small.py                       # = make train-small (configs/small-recipe.yaml)
+    python scripts/train_small.py --preset smoke        # a few minutes (tests/train/test_recipe_smoke.py)
+
+Steps (each is skipped when its output exists, so a re-run resumes at the first missing piece):
+
+  1. assets    random, seeded encoders and codec of the official architectures, saved once in the layouts
+               the engine loads (`<out>/assets/`): Whisper encoder `small.pt` (a narrow one: the release's
+               Whisper-small cannot be downloaded here), CLIP ViT `ViT-B-32.pt` (a narrow ViT, patch 32,
+               224 px, 50 tokens), SNAC 24 kHz with the official config (`snac/`), random weights. All
+               three stay frozen; the adapters and the LLM learn to read them.
+  2. world     `omnitalk.train.world.make_world`: espeak-ng questions in varied voice settings, Pillow
+               images, answers in the model's fixed voice, interruption clips; held-out sentences and
+               held-out voice settings form eval.jsonl / interrupt_eval.jsonl. Answer audio and
+               interruption audio become SNAC frames with the random codec.
+  3. features  the frozen encoders' outputs cached once (`omnitalk.train.data.FeatureCache`).
+  4. train     stage 1 (adapters only, text answers) -> stage 2 (LLM only, text answers) -> stage 3
+               (LLM + adapters, every task with spoken answers, plus interruption); each stage starts from
+               the previous one's final export (`model.init: checkpoint`).
+  5. eval      the exported model through the engine (`OmniModel.from_pretrained`): ASR WER, QA exact
+               match (spoken and visual), first-codebook match of spoken answers, interruption
+               F1 / false interruptions / reaction delay, on held-out data.
+  6. report    `<out>/report.json` (numbers, wall and CPU seconds per step, targets met) and loss curves
+               `<out>/loss_stage{1,2,3}.png` (copied to docs/img/ with --docs-img).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("train_small")
+
+TARGETS = {"asr_wer_max": 0.10, "qa_accuracy_min": 0.90, "interrupt_f1_min": 0.95,
+           "false_interruption_max": 0.02, "median_delay_ms_max": 300.0, "codebook0_match_min": 0.80,
+           "train_minutes_max": 60.0}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+class Timer:
+    def __init__(self):
+        self.rows: dict[str, dict] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _T:
+            def __enter__(self):
+                self.w, self.c = time.perf_counter(), cpu_seconds()
+                return self
+
+            def __exit__(self, *exc):
+                timer.rows[name] = {"wall_s": round(time.perf_counter() - self.w, 1),
+                                    "cpu_s": round(cpu_seconds() - self.c, 1)}
+                log.info("%s: %.1f s wall, %.1f s CPU", name, timer.rows[name]["wall_s"], timer.rows[name]["cpu_s"])
+        return _T()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. assets
+# ---------------------------------------------------------------------------------------------
+
+# The official SNAC 24 kHz config (hubertsiuzdak/snac_24khz); the recipe narrows only encoder_dim (48 -> 16,
+# recipe key snac.encoder_dim): the official encoder takes ~0.5 s of CPU per second of audio here, which
+# for the interruption clips alone would cost half an hour. The decoder and quantizer are the official ones.
+SNAC_24KHZ = dict(sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
+                  decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
+                  vq_strides=[4, 2, 1], noise=True, depthwise=True)
+
+CALIBRATION_TEXTS = ("what is three plus four", "the red circle is above the blue star", "stop omni",
+                     "how many squares can you see", "seven", "twelve", "green", "triangle", "stop",
+                     "there are four green squares in the picture", "take two from nine", "hey omni",
+                     "please turn on the lights", "what color is the square", "purple", "nineteen")
+
+
+def calibrate_snac(snac, wavs, seed: int) -> dict:
+    """Data-initialised codebooks for a random SNAC (the usual k-means-style VQ initialisation, without
+    any gradient training): with random weights every frame maps to the same code (the projected latents
+    share one dominant direction). For each of the 3 residual levels in turn: centre the factorised
+    projection (in_proj bias -= mean latent) and set the 4096 code vectors to normalised latents of real
+    speech (sampled with replacement, jittered). Returns code-usage statistics."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        zs = [snac.encoder(snac.preprocess(torch.as_tensor(w).reshape(1, 1, -1))) for w in wavs]  # (1, D, T)
+        residuals = zs
+        stats = {}
+        for i, q in enumerate(snac.quantizer.quantizers):
+            pooled = [F.avg_pool1d(r, q.stride, q.stride) if q.stride > 1 else r for r in residuals]
+            ze = torch.cat([q.in_proj(p)[0].T for p in pooled])           # (N, 8)
+            q.in_proj.bias -= ze.mean(0)
+            ze = torch.cat([q.in_proj(p)[0].T for p in pooled])
+            ze = F.normalize(ze, dim=1)
+            pick = torch.randint(0, ze.shape[0], (q.codebook.weight.shape[0],), generator=g)
+            cb = ze[pick] + 0.05 * torch.randn(len(pick), ze.shape[1], generator=g)
+            q.codebook.weight.copy_(F.normalize(cb, dim=1))
+            new = []
+            used = set()
+            for r in residuals:
+                zq, idx = q(r)
+                used.update(idx.flatten().tolist())
+                new.append(r - zq)
+            residuals = new
+            stats[f"level{i}_codes_used"] = len(used)
+        stats["latent_frames"] = int(sum(z.shape[-1] for z in zs))
+    return stats
+
+
+def make_assets(out: Path, rc: dict, seed: int) -> Path:
+    """Random seeded Whisper encoder (small.pt), CLIP vision tower (ViT-B-32.pt) and SNAC (snac/)."""
+    import random
+
+    import torch
+    from snac import SNAC
+
+    from omnitalk.model.clip import VisionDims, VisionTransformer
+    from omnitalk.model.whisper import AudioEncoder, WhisperDims, sinusoids
+    from omnitalk.train.tts import MODEL_VOICE_ESPEAK, EspeakSynth, VoiceSpace, synth_to
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "small.pt").is_file():
+        torch.manual_seed(seed)
+        w = rc["whisper"]
+        dims = WhisperDims(80, 1500, w["width"], w["heads"], w["layers"])
+        enc = AudioEncoder(dims)
+        with torch.no_grad():
+            enc.positional_embedding.copy_(sinusoids(dims.n_audio_ctx, dims.n_audio_state))
+        torch.save({"dims": {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": w["width"],
+                             "n_audio_head": w["heads"], "n_audio_layer": w["layers"]},
+                    "model_state_dict": {f"encoder.{k}": v for k, v in enc.state_dict().items()}},
+                   out / "small.pt")
+    if not (out / "ViT-B-32.pt").is_file():
+        torch.manual_seed(seed + 1)
+        c = rc["clip"]
+        vit = VisionTransformer(VisionDims(224, 32, c["width"], c["layers"], c["width"] // 64, c["output_dim"]))
+        torch.save(vit.state_dict(), out / "ViT-B-32.pt")
+    if not (out / "snac" / "pytorch_model.bin").is_file():
+        torch.manual_seed(seed + 2)
+        cfg = {**SNAC_24KHZ, **rc.get("snac", {})}
+        snac = SNAC(**cfg).eval()
+        synth, rng = EspeakSynth(), random.Random(seed)
+        train_voices, _ = VoiceSpace.espeak().split()  # calibration never hears a held-out voice setting
+        wavs = [synth_to(synth, t, MODEL_VOICE_ESPEAK, 24000) for t in CALIBRATION_TEXTS]
+        wavs += [synth_to(synth, t, train_voices.sample(rng), 24000, peak=rng.uniform(0.3, 0.9))
+                 for t in CALIBRATION_TEXTS for _ in range(2)]
+        stats = calibrate_snac(snac, wavs, seed)
+        (out / "snac").mkdir(exist_ok=True)
+        (out / "snac" / "config.json").write_text(json.dumps(cfg, indent=2))
+        torch.save(snac.state_dict(), out / "snac" / "pytorch_model.bin")
+        (out / "snac_calibration.json").write_text(json.dumps(stats, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. world, 3. features
+# ---------------------------------------------------------------------------------------------
+
+def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
+    from omnitalk.codec import Codec
+    from omnitalk.train.tts import EspeakSynth
+    from omnitalk.train.world import make_world
+
+    if (out / "world.json").is_file():
+        return out
+    codec = Codec.from_pretrained(assets / "snac")
+    w = rc["world"]
+    make_world(out, n_train=w["n_train"], n_eval=w["n_eval"], synth=EspeakSynth(), seed=seed, codec=codec,
+               n_interrupt_train=w["n_interrupt_train"], n_interrupt_eval=w["n_interrupt_eval"],
+               mix=w.get("mix"), progress=rc.get("progress", True))
+    return out
+
+
+def prepare_features(world: Path, assets: Path, progress: bool) -> dict:
+    from omnitalk.train.data import FeatureCache, read_manifest
+    from omnitalk.train.loop import _encoders_from_dir
+
+    cache = FeatureCache(world / "features", _encoders_from_dir(assets))
+    recs = read_manifest(world / "train.jsonl") + read_manifest(world / "eval.jsonl")
+    return cache.prepare(recs, progress=progress, batch_size=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. training
+# ---------------------------------------------------------------------------------------------
+
+def model_section(rc: dict, world: Path, init: Path | None) -> dict:
+    vocab = json.loads((world / "world.json").read_text())["vocab_size"]
+    text_vocab = 64 * -(-(vocab + 64) // 64)  # the world's words + the 64 specials, rounded up to 64
+    m = rc["model"]
+    cfg = {"n_layer": m["n_layer"], "n_embd": m["n_embd"], "n_head": m["n_head"],
+           "n_query_groups": m["n_query_groups"], "head_size": m["n_embd"] // m["n_head"],
+           "intermediate_size": m["intermediate_size"], "text_vocab_size": text_vocab, "audio_vocab_size": 4160,
+           "whisper_adapter_dim": rc["whisper"]["width"], "vision_adapter_dim": rc["clip"]["output_dim"],
+           "block_size": m["block_size"]}
+    sec = {"preset": "mini-omni2", "config": cfg, "tokenizer": str(world / "tokenizer.json"),
+           "init_std": m.get("init_std", 0.02)}
+    if init is None:
+        sec["init"] = "random"
+    else:
+        sec.update(init="checkpoint", checkpoint=str(init))
+    return sec
+
+
+def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> dict:
+    s = rc["stages"][stage]
+    train = [{"path": str(world / "train.jsonl"), "weight": 1.0}]
+    evals = [str(world / "eval.jsonl")]
+    if stage == 3:
+        train.append({"path": str(world / "interrupt_train.jsonl"), "weight": s.get("interrupt_weight", 1.0)})
+        evals.append(str(world / "interrupt_eval.jsonl"))
+    return {
+        "model": model_section(rc, world, init),
+        "stage": stage,
+        "data": {"train": train, "eval": evals, "tasks": s.get("tasks"),
+                 "features": {"cache_dir": str(world / "features"), "encoders": str(assets)},
+                 "max_len": rc["model"]["block_size"]},
+        "optim": {"lr": s["lr"], "min_lr": s["min_lr"], "warmup_steps": s["warmup_steps"], "steps": s["steps"],
+                  "weight_decay": s.get("weight_decay", 0.05), "grad_clip": 1.0},
+        "batch": {"batch_tokens": s["batch_tokens"], "batch_size": 32},
+        "dtype": "fp32", "device": "cpu", "threads": rc.get("threads", 2),
+        "checkpoint_every": 0, "keep_checkpoints": 1, "eval_every": s.get("eval_every", 0), "eval_batches": 8,
+        "log_every": 1, "seed": rc.get("seed", 0) + stage, "out_dir": str(out / f"stage{stage}"),
+        "export_assets": str(assets), "progress": rc.get("progress", True),
+    }
+
+
+def run_stage(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> Path:
+    """Train one stage; returns its exported model folder. A stage with `max_minutes` stops at the first
+    step boundary past that wall time (through the loop's SIGTERM path, which saves a checkpoint) and
+    is exported from that checkpoint: the recipe keeps to its time budget on a loaded machine."""
+    import signal
+
+    from omnitalk.train.config import TrainConfig
+    from omnitalk.train.export import export_checkpoint
+    from omnitalk.train.loop import run
+
+    final = out / f"stage{stage}" / "final"
+    if (final / "lit_model.pth").is_file():
+        return final
+    d = stage_config(rc, stage, world, assets, out, init)
+    (out / f"stage{stage}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    cfg = TrainConfig.from_dict(d)
+    budget = rc["stages"][stage].get("max_minutes")
+    t0, fired = time.perf_counter(), []
+
+    def guard(step, row):
+        if budget and not fired and time.perf_counter() - t0 > budget * 60:
+            fired.append(step)
+            log.warning("stage %d: %.1f-minute budget reached at step %d; stopping", stage, budget, step)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    res = run(cfg, callbacks=[guard])
+    if res.stopped:
+        export_checkpoint(res.path, final, assets=assets)
+        (out / f"stage{stage}" / "stopped_at.json").write_text(json.dumps({"step": res.step, "of": cfg.optim.steps}))
+        return final
+    return res.path
+
+
+def plot_stage(out: Path, stage: int) -> Path | None:
+    """Loss curves (train text / audio CE, held-out CE) of one stage (omnitalk.train.metrics.plot_metrics:
+    matplotlib when installed, else Pillow)."""
+    from omnitalk.train.metrics import plot_metrics
+
+    f = out / f"stage{stage}" / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    names = {1: "adapters only", 2: "LLM, text answers", 3: "LLM + adapters, speech + interruption"}
+    try:
+        return plot_metrics(f, out / f"loss_stage{stage}.png", title=f"small recipe, stage {stage} ({names[stage]})")
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. evaluation
+# ---------------------------------------------------------------------------------------------
+
+def evaluate(final: Path, world: Path, rc: dict) -> dict:
+    from omnitalk.engine import OmniModel
+    from omnitalk.eval.cli import evaluate_asr, evaluate_interrupt, evaluate_qa
+    from omnitalk.train.data import read_manifest
+
+    progress = rc.get("progress", True)
+    model = OmniModel.from_pretrained(final, device="cpu", download=False)
+    recs = read_manifest(world / "eval.jsonl")
+    lim = rc.get("eval_limit")
+    asr = [r for r in recs if r["task"] == "asr"][:lim]
+    qa = [r for r in recs if r["task"] in ("qa", "text")][:lim]
+    irq = read_manifest(world / "interrupt_eval.jsonl")
+    rep = {"asr": evaluate_asr(model, asr, max_tokens=64, progress=progress),
+           "qa": evaluate_qa(model, qa, speech=True, max_tokens=96, progress=progress),
+           "interrupt": evaluate_interrupt(model, irq, progress=progress)}
+    # spoken + visual QA split out (the issue's two numbers)
+    items = {i["id"]: i for i in rep["qa"]["items"]}
+    by_kind: dict[str, list] = {}
+    for r in qa:
+        by_kind.setdefault(r.get("kind", r["task"]), []).append(items[r["id"]]["correct"])
+    rep["qa"]["accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    spoken = [items[r["id"]]["correct"] for r in qa if r.get("question_audio") and not r.get("question_image")]
+    visual = [items[r["id"]]["correct"] for r in qa if r.get("question_image")]
+    rep["qa"]["spoken_accuracy"] = sum(spoken) / len(spoken) if spoken else None
+    rep["qa"]["visual_accuracy"] = sum(visual) / len(visual) if visual else None
+    rep["qa"]["n_spoken"], rep["qa"]["n_visual"] = len(spoken), len(visual)
+    return rep
+
+
+def evaluate_train_subset(final: Path, world: Path, n: int, progress: bool = False) -> dict:
+    """The same measurements on the first n *training* records / clips (memorisation vs generalisation)."""
+    from omnitalk.engine import OmniModel
+    from omnitalk.eval.cli import evaluate_asr, evaluate_interrupt, evaluate_qa
+    from omnitalk.train.data import read_manifest
+
+    model = OmniModel.from_pretrained(final, device="cpu", download=False)
+    recs = read_manifest(world / "train.jsonl")
+    asr = evaluate_asr(model, [r for r in recs if r["task"] == "asr"][:n], max_tokens=64, progress=progress)
+    qa = evaluate_qa(model, [r for r in recs if r["task"] in ("qa", "text")][:n], speech=True, max_tokens=96,
+                     progress=progress)
+    irq = evaluate_interrupt(model, read_manifest(world / "interrupt_train.jsonl")[:n], progress=progress)
+    return {"n": n, "asr_wer": asr["wer"], "qa_accuracy": qa["accuracy"],
+            "qa_accuracy_by_group": qa["accuracy_by_group"], "codebook0_match": qa["codebook0_match"],
+            "interrupt_f1": irq["f1"], "false_interruption_rate": irq["false_interruption_rate"],
+            "median_delay_ms": irq["median_delay_ms"]}
+
+
+def summarize(rep: dict, train_wall_s: float) -> dict:
+    a, q, i = rep["asr"], rep["qa"], rep["interrupt"]
+    s = {
+        "asr_wer": a["wer"],
+        "spoken_qa_accuracy": q["spoken_accuracy"],
+        "visual_qa_accuracy": q["visual_accuracy"],
+        "qa_accuracy_all": q["accuracy"],
+        "codebook0_match": q["codebook0_match"],
+        "interrupt_f1": i["f1"], "interrupt_precision": i["precision"], "interrupt_recall": i["recall"],
+        "false_interruption_rate": i["false_interruption_rate"], "median_delay_ms": i["median_delay_ms"],
+        "train_wall_minutes": train_wall_s / 60,
+    }
+    T = TARGETS
+    met = {
+        "asr_wer": s["asr_wer"] <= T["asr_wer_max"],
+        "spoken_qa_accuracy": (s["spoken_qa_accuracy"] or 0) >= T["qa_accuracy_min"],
+        "visual_qa_accuracy": (s["visual_qa_accuracy"] or 0) >= T["qa_accuracy_min"],
+        "interrupt_f1": s["interrupt_f1"] >= T["interrupt_f1_min"],
+        "false_interruption_rate": s["false_interruption_rate"] <= T["false_interruption_max"],
+        "median_delay_ms": s["median_delay_ms"] is not None and s["median_delay_ms"] <= T["median_delay_ms_max"],
+        "codebook0_match": (s["codebook0_match"] or 0) >= T["codebook0_match_min"],
+        "train_wall_minutes": s["train_wall_minutes"] <= T["train_minutes_max"],
+    }
+    return {"summary": s, "targets": T, "met": met}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def load_recipe(path: Path, preset: str | None) -> dict:
+    d = yaml.safe_load(path.read_text())
+    if preset:
+        for k, v in d.get("presets", {}).get(preset, {}).items():
+            if isinstance(v, dict) and isinstance(d.get(k), dict):
+                if k == "stages":
+                    for st, sv in v.items():
+                        d[k][int(st)] = {**d[k].get(int(st), {}), **sv}
+                else:
+                    d[k] = {**d[k], **v}
+            else:
+                d[k] = v
+    d["stages"] = {int(k): v for k, v in d["stages"].items()}
+    return d
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=str(ROOT / "configs" / "small-recipe.yaml"))
+    p.add_argument("--preset", default=None, help="a named override in the recipe's `presets` (e.g. smoke)")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's out_dir)")
+    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--docs-img", default=None, help="also copy the loss curves to this folder")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    rc = load_recipe(Path(args.recipe), args.preset)
+    if args.quiet:
+        rc["progress"] = False
+    out = Path(args.out or rc["out_dir"]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    torch.set_num_threads(rc.get("threads", 2))
+    seed = rc.get("seed", 0)
+    T = Timer()
+    w0, c0 = time.perf_counter(), cpu_seconds()
+    with T("assets"):
+        assets = make_assets(out / "assets", rc, seed)
+    world = out / "world"
+    with T("world"):
+        make_world_dir(world, rc, assets, seed)
+    shutil.copyfile(world / "tokenizer.json", assets / "tokenizer.json")
+    with T("features"):
+        feats = prepare_features(world, assets, rc.get("progress", True))
+    stages = [int(s) for s in args.stages.split(",") if s]
+    init, train_wall, train_cpu = None, 0.0, 0.0
+    for st in stages:
+        with T(f"train_stage{st}"):
+            init = run_stage(rc, st, world, assets, out, init)
+        train_wall += T.rows[f"train_stage{st}"]["wall_s"]
+        train_cpu += T.rows[f"train_stage{st}"]["cpu_s"]
+        plot_stage(out, st)
+    report = {"recipe": rc, "out": str(out), "final": str(init), "features": feats,
+              "world": json.loads((world / "world.json").read_text())}
+    if not args.no_eval:
+        with T("eval"):
+            rep = evaluate(init, world, rc)
+        report.update(summarize(rep, train_wall))
+        report["eval"] = {k: {kk: vv for kk, vv in v.items() if kk != "items"} for k, v in rep.items()}
+        (out / "eval_items.json").write_text(json.dumps({k: v.get("items") for k, v in rep.items()}, indent=1))
+        if rc.get("eval_train_limit"):
+            with T("eval_train_subset"):
+                report["train_subset"] = evaluate_train_subset(init, world, rc["eval_train_limit"])
+    report["timing"] = {**T.rows, "train_wall_s": round(train_wall, 1), "train_cpu_s": round(train_cpu, 1),
+                        "total_wall_s": round(time.perf_counter() - w0, 1),
+                        "total_cpu_s": round(cpu_seconds() - c0, 1), "threads": rc.get("threads", 2),
+                        "cpu_count": os.cpu_count(), "load_avg_end": os.getloadavg()}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if args.docs_img:
+        d = Path(args.docs_img)
+        d.mkdir(parents=True, exist_ok=True)
+        for st in stages:
+            if (out / f"loss_stage{st}.png").is_file():
+                shutil.copyfile(out / f"loss_stage{st}.png", d / f"small-loss-stage{st}.png")
+    print(json.dumps({"summary": report.get("summary"), "met": report.get("met"), "timing": report["timing"]},
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
