@@ -20,15 +20,6 @@ from test_train_sequences import tiny_config, train_config
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "parity" / "checkpoint"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ids(cfg: Config, T=9, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(0, 200, (1, 1, T), generator=g)

@@ -11,15 +11,6 @@ from omnitalk.train.sequences import IGNORE, build_sample, collate
 from test_train_sequences import LAYOUT, TOK, synthetic, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is much faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(n=2, **kw):
     recs, feats = synthetic(n, **kw)
     samples = []
