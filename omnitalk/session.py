@@ -21,7 +21,7 @@ history (and vice versa), to be encoded the next time that row is used.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import logging
 import math
 import queue
 import threading
@@ -40,6 +40,7 @@ from omnitalk.generate import Sampling, Step, StepRules
 
 FRAME_MS = SAMPLES_PER_FRAME / SNAC_SAMPLE_RATE * 1000  # 85.33 ms of speech per SNAC frame
 _END = object()
+log = logging.getLogger("omnitalk.session")
 
 
 class CapacityError(OmnitalkError):
@@ -200,12 +201,14 @@ class Conversation:
     def reset(self) -> None:
         self.scheduler._call(self._reset)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Cancel any answer and free the cache rows. wait=False only queues the release (it never blocks,
+        so it is safe from an event loop or while being cancelled)."""
         if not self.closed:
             self.closed = True
             if self.active is not None:
                 self.active.cancel()
-            self.scheduler._release(self)
+            self.scheduler._release(self, wait)
 
     # -- scheduler thread -----------------------------------------------------------------
     def _reset(self) -> None:
@@ -321,10 +324,20 @@ class Scheduler:
             self._pending.append((conv, resp, max_tokens, sampling))
             self._lock.notify_all()
 
-    def _call(self, fn) -> None:
+    def _call(self, fn, wait: bool = True) -> None:
         """Run fn on the scheduler thread (between steps) and wait for it; re-raise its error."""
         if self._thread is None or threading.current_thread() is self._thread:
             fn()
+            return
+        if not wait:
+            def run_quietly():
+                try:
+                    fn()
+                except Exception:  # nobody waits for it: log, keep the loop alive
+                    log.exception("scheduler call failed")
+            with self._lock:
+                self._calls.append(run_quietly)
+                self._lock.notify_all()
             return
         done, box = threading.Event(), []
 
@@ -342,14 +355,14 @@ class Scheduler:
         if box:
             raise box[0]
 
-    def _release(self, conv: Conversation) -> None:
+    def _release(self, conv: Conversation, wait: bool = True) -> None:
         def free():
             for a in [a for a in self._active if a.conv is conv]:
                 self._finish(a, "cancelled")
             conv._reset()
             if not conv.internal:
                 self._free.append(conv.slot)
-        self._call(free)
+        self._call(free, wait)
 
     # -- the loop -------------------------------------------------------------------------
     def _loop(self) -> None:

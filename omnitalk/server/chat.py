@@ -151,8 +151,7 @@ def install(app, ctx) -> None:
                     yield encode_parts(pcm, text)
             except OmnitalkError as e:  # mid-stream: nothing more to send; the client sees the end
                 log.warning("/chat generation failed: %s", safe_message(e))
-            finally:
-                resp.cancel()
-                await asyncio.to_thread(conv.close)
+            finally:  # also when the client vanished and this task is being cancelled: never await here
+                conv.close(wait=False)
 
         return StreamingResponse(body_iter(), media_type=MEDIA_TYPE)
