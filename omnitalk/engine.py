@@ -20,7 +20,7 @@ from omnitalk import audio as audio_io
 from omnitalk import checkpoint as ckpt_io
 from omnitalk import prompts as P
 from omnitalk import vision
-from omnitalk.codec import SAMPLES_PER_FRAME, Codec, StreamDecoder, frames_from_layers, pcm_reference, to_pcm16
+from omnitalk.codec import Codec, StreamDecoder, frames_from_layers, pcm_reference, to_pcm16
 from omnitalk.config import Config
 from omnitalk.errors import CheckpointError, InputError
 from omnitalk.generate import Sampling, Step, decode

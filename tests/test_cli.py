@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import soundfile as sf
 
 from omnitalk import cli

@@ -9,7 +9,7 @@ import torch
 
 from omnitalk.codec import to_pcm16
 from omnitalk.engine import OmniModel, resolve_device
-from omnitalk.errors import CheckpointError, InputError
+from omnitalk.errors import InputError
 from omnitalk.generate import Sampling
 from omnitalk.tokenizer import StreamingText, TextTokenizer
 

@@ -1,5 +1,4 @@
 """Decoding rules with a scripted model: stops, forcing, feedback, budgets, sampling."""
-import numpy as np
 import pytest
 import torch
 

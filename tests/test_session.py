@@ -88,7 +88,7 @@ def test_oldest_turns_are_dropped_when_the_context_fills(model, wav):
 
 def test_capacity_limit_and_release(model):
     with Scheduler(model, max_sessions=2) as s:
-        a, b = s.open(), s.open()
+        a, _ = s.open(), s.open()
         with pytest.raises(CapacityError, match="all 2 sessions are in use"):
             s.open()
         a.close()

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from omnitalk.config import Config, preset
 from omnitalk.model.llm import OmniLM, RMSNorm, apply_rope, rope_cache

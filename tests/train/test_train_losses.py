@@ -1,7 +1,6 @@
 """Losses: the definition, masks, weights, global normalisation, and the gathered-head forward."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
