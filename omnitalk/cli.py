@@ -14,6 +14,7 @@ returns the exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -259,50 +260,26 @@ def run_info(args) -> int:
     return 0
 
 
+# ---- subcommands that live with their subsystem (imported only when the parser is built) ---------
+def _elsewhere(module: str, function: str):
+    def add(sub) -> None:
+        getattr(importlib.import_module(module), function)(sub)
+    return add
+
+
+for _name, _module, _function in [
+    ("serve", "omnitalk.server.cli", "register"),
+    ("bench", "omnitalk.bench_cli", "register"),
+    ("train", "omnitalk.train.cli", "add_train"),
+    ("plot-metrics", "omnitalk.train.cli", "add_plot_metrics"),
+    ("export", "omnitalk.train.cli", "add_export"),
+    ("data", "omnitalk.train.data_cli", "register"),
+    ("eval", "omnitalk.eval.cli", "register"),
+]:
+    subcommand(_name)(_elsewhere(_module, _function))
+
+
 # ---- entry point -------------------------------------------------------------------------------
-# ---- subcommands that live with their subsystem -------------------------------------------------
-@subcommand("serve")
-def add_serve(sub) -> None:
-    from omnitalk.server.cli import register
-    register(sub)
-
-
-@subcommand("bench")
-def add_bench(sub) -> None:
-    from omnitalk.bench_cli import register
-    register(sub)
-
-
-@subcommand("train")
-def add_train(sub) -> None:
-    from omnitalk.train import cli as train_cli
-    train_cli.add_train(sub)
-
-
-@subcommand("plot-metrics")
-def add_plot_metrics(sub) -> None:
-    from omnitalk.train import cli as train_cli
-    train_cli.add_plot_metrics(sub)
-
-
-@subcommand("export")
-def add_export(sub) -> None:
-    from omnitalk.train import cli as train_cli
-    train_cli.add_export(sub)
-
-
-@subcommand("data")
-def add_data(sub) -> None:
-    from omnitalk.train.data_cli import register
-    register(sub)
-
-
-@subcommand("eval")
-def add_eval(sub) -> None:
-    from omnitalk.eval.cli import register
-    register(sub)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnitalk", description="Talk with Mini-Omni2: speech, images and "
                                      "text in, streaming speech and text out.")
