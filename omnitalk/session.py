@@ -413,7 +413,7 @@ class Scheduler:
                 row.cached = 0
         budget = min(max_tokens, self.max_len - max(r.columns for r in rows) - T - 1)
         rules = StepRules(lm, L, req.mode, max(budget, 1), sampling)
-        feats = [(p, f) for p, f in req.features]
+        feats = req.features
         hs = []
         for i, row in enumerate(rows):
             row.segments.append(Segment(torch.as_tensor(req.prompts[i].ids), feats, turn))
