@@ -153,6 +153,7 @@ def convert(src: str | Path, dst: str | Path, mode: str = "fp32") -> Path:
     tensors |= {f"clip.{k}": v for k, v in clip.state_dict().items()}
     dst.mkdir(parents=True, exist_ok=True)
     meta = {"format": "omnitalk/1", "llm_mode": mode, "whisper_dims": json.dumps(whisper.dims.__dict__),
+            "whisper_window": getattr(whisper, "window", "exact"),
             "clip_dims": json.dumps(clip.dims.__dict__)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, dst / OURS, metadata=meta)
     for f in ("model_config.yaml", "tokenizer.json", *SNAC_FILES):

@@ -26,7 +26,7 @@ from omnitalk.errors import CheckpointError, InputError
 from omnitalk.generate import Sampling, Step, decode
 from omnitalk.model.clip import VisionTransformer, infer_vision_dims, load_clip_vision
 from omnitalk.model.llm import OmniLM
-from omnitalk.model.whisper import AudioEncoder, encode as whisper_encode, load_whisper_encoder
+from omnitalk.model.whisper import AudioEncoder, features as whisper_features, load_whisper_encoder
 from omnitalk.tokenizer import StreamingText, TextTokenizer
 from omnitalk.tokens import TokenLayout
 
@@ -86,8 +86,9 @@ class OmniModel:
         self.layout = TokenLayout.from_config(cfg)
         self.path: Path | None = None  # the checkpoint directory, when loaded from files
         # 'exact': Whisper over the padded 30-s window, as the release (parity). 'trimmed': only the frames
-        # the input needs — much faster for short questions, features differ slightly (docs/performance.md)
-        self.whisper_window = "exact"
+        # the input needs — much faster for short questions, features differ slightly (docs/performance.md).
+        # Default: what the encoder was trained with (its checkpoint's "window"; "exact" for Whisper-small)
+        self.whisper_window = getattr(whisper, "window", "exact")
 
     # ---- loading ------------------------------------------------------------------------
     @classmethod
@@ -117,7 +118,8 @@ class OmniModel:
         if (path / ckpt_io.OURS).is_file():
             parts, meta = ckpt_io.read_ours(path)
             lm = ckpt_io.load_llm(path, cfg, dev, mode, state_dict=parts["llm"])
-            whisper = load_whisper_encoder({"dims": json.loads(meta["whisper_dims"]), "model_state_dict":
+            whisper = load_whisper_encoder({"dims": json.loads(meta["whisper_dims"]),
+                                            "window": meta.get("whisper_window", "exact"), "model_state_dict":
                                             {f"encoder.{k}": v for k, v in parts["whisper"].items()}}, dev)
             clip = _clip_from_state_dict(parts["clip"], dev) if parts["clip"] else None
         else:
@@ -183,13 +185,7 @@ class OmniModel:
         """Speech (path, file bytes, or float array with `sr`) -> adapter output (L, C), 50 per second."""
         x = audio_io.load_audio(audio, sr=sr)
         audio_io.check_duration(x)
-        L = audio_io.num_whisper_frames(len(x))
-        if self.whisper_window == "trimmed":  # 2L mel frames cover the L frames the LLM takes
-            mel = audio_io.log_mel_spectrogram(x, padding_to=None)[..., : 2 * L]
-            mel = torch.nn.functional.pad(mel, (0, 2 * L - mel.size(-1)), value=float(mel.min()))
-        else:
-            mel = audio_io.log_mel_spectrogram(x)
-        feats = whisper_encode(self.whisper, mel)[0, :L]  # (L, d_whisper)
+        feats = whisper_features(self.whisper, x, self.whisper_window)  # (L, d_whisper)
         return self.lm.whisper_adapter(feats.to(self.lm.act_dtype))
 
     @torch.inference_mode()
@@ -203,6 +199,50 @@ class OmniModel:
         return self.lm.vision_adapter(feats.to(self.lm.act_dtype))
 
     # ---- requests -----------------------------------------------------------------------
+    # ---- the listening item (interruption) ---------------------------------------------------
+    @property
+    def has_listening_head(self) -> bool:
+        """True when the checkpoint was trained on the interruption task (its model_config.yaml says
+        `interrupt_trained: true`, which omnitalk's training export writes): its listening item emits
+        irq / n_irq status tokens. The released weights were not (reference §12)."""
+        return bool(self.cfg.extra.get("interrupt_trained"))
+
+    @torch.inference_mode()
+    def listen(self, audio=None, *, frames=None, sr: int | None = None) -> list[int]:
+        """The listening item of the paper's duplex design over user speech: the audio (any rate; path,
+        bytes or float array with `sr`) is SNAC-encoded, its frames enter the 7 audio streams
+        (omnitalk.train.sequences.listen_ids) and the model emits one status per 85.3-ms frame:
+        1 = irq (stop talking), 0 = n_irq. One causal forward without any KV cache, so it can run
+        between the decode steps of other sessions. Meaningful only when `has_listening_head`."""
+        from omnitalk.train.sequences import listen_ids
+
+        if frames is None:
+            if audio is None:
+                raise InputError("listen() needs audio or SNAC frames")
+            if self.codec is None:
+                raise CheckpointError("this model has no SNAC codec to encode the user's audio")
+            if isinstance(audio, np.ndarray) and sr == 24000:
+                x = audio.astype(np.float32, copy=False)
+            else:  # load_audio gives 16 kHz (what the server holds); SNAC takes 24 kHz
+                x = audio_io.resample(audio_io.load_audio(audio, sr=sr), 16000, 24000)
+            frames = self.codec.encode(x)
+        fr = np.asarray(frames, dtype=np.int64).reshape(-1, self.layout.n_audio_layers)
+        if len(fr) == 0:
+            return []
+        ids = torch.as_tensor(listen_ids(self.layout, fr), device=self.device)[None]  # (1, S, n + 7)
+        if ids.shape[-1] > self.cfg.block_size:  # the newest frames that fit
+            return self.listen(frames=fr[-(self.cfg.block_size - self.layout.n_audio_layers):])
+        saved = [b.attn.kv_cache for b in self.lm.transformer.h]
+        self.lm.clear_cache()
+        try:
+            h = self.lm.forward_hidden(self.lm.embed(ids), 0)[0]  # (T, C)
+        finally:
+            for b, c in zip(self.lm.transformer.h, saved):
+                b.attn.kv_cache = c
+        logits = self.lm.text_logits(h).float()
+        irq = logits[:, self.layout.irq] > logits[:, self.layout.n_irq]  # (T,)
+        return [int(v) for v in irq[1:len(fr) + 1].tolist()]  # frame f's status is read at column f + 1
+
     @staticmethod
     def check_inputs(*, audio=None, image=None, text: str | None = None, reply: str = "speech",
                      task: str = "qa", strategy: str = "pair") -> None:

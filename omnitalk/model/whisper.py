@@ -110,6 +110,33 @@ class AudioEncoder(nn.Module):
         return self.ln_post(x)
 
 
+WINDOWS = ("exact", "trimmed")
+
+
+def trimmed_mel(audio) -> Tensor:
+    """The log-mel frames (80, 2L) of a trimmed window, L = num_whisper_frames(len(audio))."""
+    from omnitalk import audio as audio_io
+
+    L = audio_io.num_whisper_frames(len(audio))
+    mel = audio_io.log_mel_spectrogram(audio, padding_to=None)[..., : 2 * L]
+    return F.pad(mel, (0, 2 * L - mel.size(-1)), value=float(mel.min()))
+
+
+def features(encoder: AudioEncoder, audio, window: str | None = None) -> Tensor:
+    """16 kHz speech (float array) -> encoder features (L, d) for the L = num_whisper_frames(len) frames
+    the LLM takes. window 'exact' runs the padded 30-s window as the release does (parity); 'trimmed'
+    only the 2L mel frames the input covers (much faster; what the small recipe's encoders are trained
+    on). Default: the encoder's own `window` (set by load_whisper_encoder from the checkpoint)."""
+    from omnitalk import audio as audio_io
+
+    window = window or getattr(encoder, "window", "exact")
+    if window not in WINDOWS:
+        raise InputError(f"unknown whisper window {window!r}; use one of {WINDOWS}")
+    L = audio_io.num_whisper_frames(len(audio))
+    mel = trimmed_mel(audio) if window == "trimmed" else audio_io.log_mel_spectrogram(audio)
+    return encode(encoder, mel)[0, :L]
+
+
 @torch.no_grad()
 def encode(encoder: AudioEncoder, mel) -> Tensor:
     """Run the encoder on log-mels (80, 3000) or (B, 80, 3000) -> (B, 1500, d), without autograd."""
@@ -145,6 +172,9 @@ def _read_checkpoint(path) -> Mapping:
 def load_whisper_encoder(path, device="cpu", dtype: torch.dtype = torch.float32) -> AudioEncoder:
     """Load the encoder of an OpenAI whisper checkpoint ({"dims", "model_state_dict"}), cast to `dtype`.
 
+    An optional top-level "window" ("exact" or "trimmed", omnitalk's addition; OpenAI's loader ignores
+    it) says how the encoder was trained to be run; it becomes `encoder.window` (default "exact").
+
     `path` may also be the already loaded checkpoint dict. Raises CheckpointError for a missing or
     foreign file, missing/unexpected `encoder.*` keys, or a tensor whose shape does not fit `dims`.
     """
@@ -172,5 +202,10 @@ def load_whisper_encoder(path, device="cpu", dtype: torch.dtype = torch.float32)
             raise CheckpointError(f"{where}: tensor 'encoder.{k}' has shape {tuple(sd[k].shape)}, "
                                   f"expected {tuple(t.shape)} for {dims}")
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    window = ckpt.get("window", "exact")
+    if window not in WINDOWS:
+        raise CheckpointError(f"{where}: unknown 'window' {window!r}; expected one of {WINDOWS}")
     encoder.load_state_dict(sd, strict=True, assign=True)
-    return encoder.to(device).eval()
+    encoder = encoder.to(device).eval()
+    encoder.window = window
+    return encoder

@@ -542,7 +542,8 @@ class FeatureCache:
     def encoder_id(self, kind: str) -> str:
         if kind not in self._ids:
             enc = self._encoder(kind)
-            extra = "L=int(ms/20)+1" if kind == "audio" else f"res={enc.dims.image_resolution}"
+            extra = (f"L=int(ms/20)+1:{getattr(enc, 'window', 'exact')}" if kind == "audio"
+                     else f"res={enc.dims.image_resolution}")
             self._ids[kind] = module_fingerprint(enc, f"{kind}:{extra}")
         return self._ids[kind]
 
@@ -604,16 +605,19 @@ class FeatureCache:
     def _compute(self, kind: str, paths: Sequence) -> list[torch.Tensor]:
         if kind == "audio":
             from omnitalk import audio as audio_io
-            from omnitalk.model.whisper import encode as whisper_encode
+            from omnitalk.model.whisper import encode as whisper_encode, features as whisper_features
 
+            enc = self._encoder("audio")
             xs = [audio_io.load_audio(p) for p in paths]
             for p, x in zip(paths, xs):
                 try:
                     audio_io.check_duration(x)
                 except InputError as e:
                     raise InputError(f"{p}: {e}") from None
+            if getattr(enc, "window", "exact") == "trimmed":  # one at a time: padding would change them
+                return [whisper_features(enc, x).to("cpu", self.dtype).clone() for x in xs]
             mels = torch.stack([audio_io.log_mel_spectrogram(x) for x in xs])  # (B, 80, 3000)
-            out = whisper_encode(self._encoder("audio"), mels)  # (B, 1500, d)
+            out = whisper_encode(enc, mels)  # (B, 1500, d)
             return [out[i, :audio_io.num_whisper_frames(len(x))].to("cpu", self.dtype).clone()
                     for i, x in enumerate(xs)]
         from omnitalk import vision

@@ -112,3 +112,36 @@ def test_missing_dims_and_keys():
     dec = {k: v for k, v in ckpt["model_state_dict"].items() if not k.startswith("encoder.")}
     with pytest.raises(CheckpointError, match="no 'encoder"):
         load_whisper_encoder({"dims": ckpt["dims"], "model_state_dict": dec})
+
+
+def test_window_read_from_checkpoint_and_used_by_features(tmp_path, encoder):
+    """A checkpoint's "window" says how its encoder runs: the release's exact 30-s window by default,
+    "trimmed" (only the frames the speech covers) for encoders trained that way (the small recipe)."""
+    from omnitalk.audio import load_audio, log_mel_spectrogram
+    from omnitalk.model.whisper import features, trimmed_mel
+
+    assert encoder.window == "exact"
+    x = load_audio(FIX / "inputs" / "question.wav")
+    L = int(len(x) / 16000 * 1000 / 20) + 1
+    exact = features(encoder, x)
+    assert exact.shape == (L, 32)
+    torch.testing.assert_close(exact, encode(encoder, log_mel_spectrogram(x))[0, :L])
+
+    ckpt = dict(torch.load(CKPT, map_location="cpu", weights_only=True))
+    ckpt["window"] = "trimmed"
+    torch.save(ckpt, tmp_path / "small.pt")
+    trimmed_enc = load_whisper_encoder(tmp_path / "small.pt")
+    assert trimmed_enc.window == "trimmed"
+    mel = trimmed_mel(x)
+    assert mel.shape == (80, 2 * L)
+    trimmed = features(trimmed_enc, x)
+    torch.testing.assert_close(trimmed, encode(encoder, mel)[0])
+    assert not torch.allclose(trimmed, exact)  # a different window really is a different computation
+    torch.testing.assert_close(features(trimmed_enc, x, window="exact"), exact)
+
+    ckpt["window"] = "sliding"
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="unknown 'window' 'sliding'"):
+        load_whisper_encoder(tmp_path / "bad.pt")
+    with pytest.raises(InputError, match="unknown whisper window"):
+        features(encoder, x, window="half")
