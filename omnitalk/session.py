@@ -253,9 +253,14 @@ class Scheduler:
     """Shares one OmniModel between conversations; one background thread batches their decode steps."""
 
     def __init__(self, model: OmniModel, max_sessions: int = 8, max_len: int | None = None, stride: int = 4,
-                 stream_mode: str = "context", asr_slots: int = 2, answer_reserve: int = 512):
+                 stream_mode: str = "context", asr_slots: int | None = None, answer_reserve: int = 512):
+        """asr_slots: cache rows kept for the model's own speech recognition (input transcription and the
+        stop-command looks of every session); default one per 4 sessions, at least 2."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        asr_slots = max(2, -(-max_sessions // 4)) if asr_slots is None else asr_slots
+        if asr_slots < 1:
+            raise ValueError("asr_slots must be >= 1")
         self.model, self.max_sessions, self.stride, self.stream_mode = model, max_sessions, stride, stream_mode
         self.answer_reserve = answer_reserve  # positions kept free for an answer before old turns go
         self.max_len = min(max_len or model.cfg.block_size, model.cfg.block_size)
@@ -315,6 +320,13 @@ class Scheduler:
             return conv.respond(audio=audio_16k, task="asr", reply="text", max_tokens=max_tokens).wait().text
         finally:
             self._asr_free.put(conv)
+
+    def listen(self, audio_16k: np.ndarray) -> list[int]:
+        """The model's listening item over user speech (OmniModel.listen: one irq / n_irq status per
+        SNAC frame), run on the scheduler thread between decode steps."""
+        box: list = []
+        self._call(lambda: box.append(self.model.listen(audio_16k, sr=16000)))
+        return box[0]
 
     # -- calls from other threads ---------------------------------------------------------
     def _submit(self, conv: Conversation, resp: Response, max_tokens: int, sampling: Sampling) -> None:

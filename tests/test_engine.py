@@ -154,3 +154,41 @@ def test_trimmed_whisper_window_is_opt_in(model):
         model.whisper_window = "exact"
     assert trimmed.shape == exact.shape == (149, model.cfg.n_embd)
     assert torch.equal(model.audio_features(WAV), exact)  # the default stays the release's 30-s window
+
+
+def test_listening_item_statuses(model):
+    """OmniModel.listen: SNAC frames of user audio on the audio streams, one irq/n_irq status per frame
+    read at the next column, computed without touching any KV cache the model holds."""
+    from omnitalk.train.sequences import listen_ids
+
+    layout = model.layout
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 4096, (12, 7))
+    ids = torch.as_tensor(listen_ids(layout, frames))[None]
+    model.lm.clear_cache()
+    with torch.inference_mode():
+        logits = model.lm.text_logits(model.lm.forward_hidden(model.lm.embed(ids), 0)[0]).float()
+    expected = (logits[1:13, layout.irq] > logits[1:13, layout.n_irq]).int().tolist()
+    model.lm.setup_cache(1, 64)
+    held = [b.attn.kv_cache for b in model.lm.transformer.h]
+    try:
+        assert model.listen(frames=frames) == expected
+        assert [b.attn.kv_cache for b in model.lm.transformer.h] == held  # put back, untouched
+    finally:
+        model.lm.clear_cache()
+    assert model.listen(frames=np.zeros((0, 7), np.int64)) == []
+    # from audio: 16 kHz speech -> 24 kHz -> one status per 2048-sample SNAC frame
+    x = sf.read(WAV, dtype="float32")[0]
+    out = model.listen(x, sr=16000)
+    assert len(out) == int(np.ceil(len(x) * 1.5 / 2048)) and set(out) <= {0, 1}
+    with pytest.raises(InputError, match="needs audio or SNAC frames"):
+        model.listen()
+
+
+def test_has_listening_head_follows_the_config(model):
+    assert model.has_listening_head is False  # the release (and the fixture) were not trained on it
+    model.cfg.extra["interrupt_trained"] = True
+    try:
+        assert model.has_listening_head is True
+    finally:
+        del model.cfg.extra["interrupt_trained"]

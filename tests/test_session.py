@@ -138,3 +138,14 @@ def test_transcribe_uses_the_asr_task(model, wav):
     expect = model.generate(audio=wav, sr=16000, task="asr", reply="text", max_tokens=256).text
     with Scheduler(model, max_sessions=1) as s:
         assert s.transcribe(wav) == expect
+
+
+def test_asr_slots_scale_with_sessions(model):
+    """Transcription slots (input transcription + stop-command looks) grow with the session limit."""
+    for sessions, slots in ((1, 2), (8, 2), (12, 3), (32, 8)):
+        s = Scheduler(model, max_sessions=sessions, max_len=64)
+        assert s._asr_free.qsize() == slots
+        assert s.caches[0].k.shape[0] == 2 * (sessions + slots)   # pair rows per slot
+    assert Scheduler(model, max_sessions=4, asr_slots=1, max_len=64)._asr_free.qsize() == 1
+    with pytest.raises(ValueError, match="asr_slots"):
+        Scheduler(model, max_sessions=4, asr_slots=0)

@@ -113,24 +113,10 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
 
 
 def predict_interrupt(model, frames) -> list[int]:
-    """Default interruption detector: one causal forward of the listening item (omnitalk.train.sequences
-    .listen_ids) over the user's SNAC frames; the status of frame f is read at column f+1: irq when the
-    irq logit beats the n_irq logit. Returns one 0/1 per frame."""
-    import torch
-
-    from omnitalk.train.sequences import listen_ids
-
-    layout = model.layout
-    fr = np.asarray(frames, dtype=np.int64).reshape(-1, layout.n_audio_layers)
-    ids = torch.as_tensor(listen_ids(layout, fr), device=model.device)[None]  # (1, S, n+7)
-    lm = model.lm
-    lm.clear_cache()
-    with torch.inference_mode():
-        h = lm.forward_hidden(lm.embed(ids), 0)[0]  # (T, C)
-        logits = lm.text_logits(h).float()
-    irq = logits[:, layout.irq] > logits[:, layout.n_irq]  # (T,)
-    n = fr.shape[0]
-    return [int(x) for x in irq[1:n + 1].tolist()]
+    """Default interruption detector: the engine's listening item (OmniModel.listen, one causal forward
+    over the user's SNAC frames; frame f's status is read at column f+1, irq when the irq logit beats
+    the n_irq logit). Returns one 0/1 per frame."""
+    return model.listen(frames=frames)
 
 
 def _resolve(spec: str) -> Callable:

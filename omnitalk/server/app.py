@@ -66,6 +66,7 @@ class ServerContext:
     vad_model: SileroModel | None
     vad_error: str | None
     default_vad: bool = True
+    command_detect: Callable[[np.ndarray], str | None] | None = None  # a trained listening head, if any
     connections: set = field(default_factory=set)
     stats: dict = field(default_factory=lambda: {"connections": 0, "dropped_slow": 0, "audio_deltas_sent": 0,
                                                  "audio_deltas_purged": 0, "responses": 0, "interruptions": 0,
@@ -116,6 +117,8 @@ def create_app(scheduler_or_model, api_key: str | None = None, limits: Limits | 
                         model_name=model_name or _model_name(model), stop_phrases=tuple(stop_phrases),
                         transcriber=transcriber or asr(scheduler, 128),
                         command_transcriber=transcriber or command_asr(scheduler),
+                        command_detect=listening_head(scheduler) if transcriber is None and
+                        model.has_listening_head else None,
                         vad_model=vad_model, vad_error=vad_error, default_vad=server_vad and vad_model is not None)
 
     @contextlib.asynccontextmanager
@@ -174,6 +177,15 @@ def command_asr(scheduler) -> Callable[[np.ndarray], str]:
     each token is a decoding step, ~10 ms with the small model, so short budgets keep the look quick)."""
     def run(x: np.ndarray) -> str:
         return asr(scheduler, 4 + int(4 * len(x) / 16000))(x)
+    return run
+
+
+def listening_head(scheduler, command: str = "stop omni") -> Callable[[np.ndarray], str | None]:
+    """The stop-command look of a checkpoint trained on the interruption task: the model's listening
+    item over the window (Scheduler.listen, between decode steps); the command counts as heard when any
+    frame's status is irq. Such a head knows the command it was trained on, not the configured phrases."""
+    def run(x: np.ndarray) -> str | None:
+        return command if any(scheduler.listen(x)) else None
     return run
 
 

@@ -336,7 +336,7 @@ class Connection:
         self.speech_item: str | None = None
         self.segment_interrupting = False   # the current speech began while an answer was playing
         self.segment_is_command = False
-        self.command = CommandDetector(ctx.command_transcriber, ctx.stop_phrases)
+        self.command = CommandDetector(ctx.command_transcriber, ctx.stop_phrases, detect=ctx.command_detect)
         # conversation
         self.items: list[str] = []                   # item ids in order
         self.pending: list[Pending] = []
@@ -500,7 +500,8 @@ class Connection:
         speak = "audio" in c.modalities
         common = {"id": self.session_id, "object": "realtime.session", "model": self.ctx.model_name,
                   "instructions": c.instructions, "tools": [], "tool_choice": "auto",
-                  "stop_phrases": list(self.command.phrases)}
+                  "stop_phrases": list(self.command.phrases),
+                  "stop_detector": "listening_head" if self.command.detect is not None else "asr"}
         if self.flavor == "beta":
             return {**common, "modalities": ["text", "audio"] if speak else ["text"], "voice": c.voice,
                     "input_audio_format": "pcm16", "output_audio_format": "pcm16",

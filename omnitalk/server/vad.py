@@ -20,8 +20,11 @@ Command-based interruption (`CommandDetector`): while an answer is playing, the 
 arrived, one transcription at a time per connection; when the normalised transcript contains one of
 the configured phrases ("stop omni", "omni stop" by default) the answer is cancelled, even with turn
 detection off or while other speech goes on. Two transcriptions may overlap (started >= 120 ms apart),
-so a command is caught about one transcription time after it ends. A checkpoint with a trained interruption head could
-replace the transcriber: `CommandDetector` only needs a `transcribe(audio_16k) -> str` callable.
+so a command is caught about one transcription time after it ends. A checkpoint trained on the
+interruption task (`OmniModel.has_listening_head`) is asked directly instead: `detect(audio_16k)` runs
+the model's listening item over the window (SNAC tokens on the audio streams, one irq / n_irq status
+per frame, `Scheduler.listen`) and reports the command when any frame says irq - the paper's design,
+one forward pass per look instead of a decoded transcript.
 """
 from __future__ import annotations
 
@@ -229,8 +232,10 @@ class CommandDetector:
 
     def __init__(self, transcribe: Callable[[np.ndarray], str], phrases: Iterable[str] = DEFAULT_STOP_PHRASES,
                  window_ms: int = 1000, command_ms: int = 900, max_window_ms: int = 2500, min_new_ms: int = 40,
-                 min_gap_ms: int = 120, max_inflight: int = 2, silence_dbfs: float = -45.0):
+                 min_gap_ms: int = 120, max_inflight: int = 2, silence_dbfs: float = -45.0,
+                 detect: Callable[[np.ndarray], str | None] | None = None):
         self.transcribe = transcribe
+        self.detect = detect  # a trained listening head: window -> the command heard, or None
         self.phrases = [p for p in (normalize(x) for x in phrases) if p]
         self.window = int(window_ms * SAMPLE_RATE / 1000)        # the shortest look
         self.command = int(command_ms * SAMPLE_RATE / 1000)      # the longest command to catch whole
@@ -266,7 +271,8 @@ class CommandDetector:
 
     def ready(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        return bool(self.phrases) and self.inflight < self.max_inflight and self._speech_seen \
+        return (bool(self.phrases) or self.detect is not None) and self.inflight < self.max_inflight \
+            and self._speech_seen \
             and self._new >= self.min_new and now - self._last_start >= self.min_gap
 
     def match(self, text: str) -> str | None:
@@ -290,12 +296,18 @@ class CommandDetector:
     def check(self, window: np.ndarray) -> str | None:
         """Transcribe a window (blocking) and return the phrase found, if any."""
         self.checks += 1
+        if self.detect is not None:
+            found = self.detect(window)
+            self.last_text = found or ""
+            return found
         text = self.transcribe(window)
         self.last_text = text
         return self.match(text)
 
     def match_window(self, window: np.ndarray) -> str | None:
         """check() without touching the detector's state (a one-off look at a finished turn)."""
+        if self.detect is not None:
+            return self.detect(window)
         return self.match(self.transcribe(window))
 
     def done(self, generation: int, phrase: str | None) -> bool:

@@ -538,6 +538,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
         recs, weights = load_sources(train_entries, cfg)
         if not recs:
             raise ValueError("no training records (check data.train and data.tasks)")
+        if any(r.get("task") == "interrupt" and w > 0 for r, w in zip(recs, weights)):
+            # the exported model_config.yaml says so: servers use its listening item for "stop omni"
+            mcfg.extra["interrupt_trained"] = True
         builder = SampleBuilder(recs, layout, tokenizer, feats)
         max_len = min(cfg.data.max_len or mcfg.block_size, mcfg.block_size)
         lengths, bad = _lengths(builder, len(recs), max_len, info.is_main, cfg.progress)

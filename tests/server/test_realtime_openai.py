@@ -318,6 +318,45 @@ def test_spoken_stop_command_cancels_without_vad(scheduler):
     assert heard
 
 
+def test_trained_listening_head_stops_the_answer(scheduler, model, monkeypatch):
+    """A checkpoint trained on the interruption task (model_config.yaml: interrupt_trained) is asked
+    through its listening item (Scheduler.listen -> OmniModel.listen) instead of the ASR. The fixture's
+    random weights run the real forward; a loudness rule stands in for a trained head's verdict."""
+    looks, transcribed = [], []
+    real = model.listen
+
+    def listen(audio=None, *, frames=None, sr=None):
+        statuses = real(audio, frames=frames, sr=sr)
+        looks.append(len(statuses))
+        return [int(np.abs(audio).max() > 0.3)] * len(statuses)
+
+    monkeypatch.setattr(model, "listen", listen)
+    monkeypatch.setitem(model.cfg.extra, "interrupt_trained", True)
+    monkeypatch.setattr(scheduler, "transcribe", lambda *a, **k: transcribed.append(1) or "")
+    app = create_app(scheduler)
+    assert app.state.ctx.command_detect is not None
+    with BackgroundServer(app) as srv:
+        async def main():
+            async with client(srv).realtime.connect(model="mini-omni2") as conn:
+                created = await until(conn, "session.created")
+                assert created.session.model_extra.get("stop_detector") == "listening_head"
+                await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+                await until(conn, "session.updated")
+                await conn.conversation.item.create(item=text_item(LONG))
+                await conn.response.create()
+                await until(conn, "response.output_audio.delta")
+                quiet = 0.1 * np.sin(2 * np.pi * 440 * np.arange(24000 * 0.4) / 24000)
+                await conn.input_audio_buffer.append(audio=b64((quiet * 32767).astype("<i2").tobytes()))
+                await asyncio.sleep(0.5)
+                tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(24000 * 0.6) / 24000)
+                await conn.input_audio_buffer.append(audio=b64((tone * 32767).astype("<i2").tobytes()))
+                done = await until(conn, "response.done")
+                assert done.response.status == "cancelled"
+        run(main())
+    assert looks and all(n > 0 for n in looks)   # one status per SNAC frame of each window
+    assert transcribed == []                      # "stop omni" never went through the ASR
+
+
 def test_session_limit_is_an_error_event_not_a_hang(model):
     from omnitalk.session import Scheduler
     with Scheduler(model, max_sessions=1, asr_slots=1) as sched:

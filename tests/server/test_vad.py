@@ -97,6 +97,23 @@ def test_command_phrases_and_windows():
     assert CommandDetector(lambda x: "", []).ready() is False
 
 
+def test_command_detector_asks_a_listening_head_instead_of_transcribing():
+    transcribed, looked = [], []
+    head = lambda x: looked.append(len(x)) or ("stop omni" if x.max() > 0.5 else None)
+    det = CommandDetector(lambda x: transcribed.append(x) or "", [], min_new_ms=10, min_gap_ms=0, detect=head)
+    det.feed(0.2 * np.ones(1600, np.float32))
+    assert det.ready()                                        # no phrases needed: the head knows its command
+    gen, window = det.take()
+    assert det.check(window) is None and det.last_text == ""
+    assert det.done(gen, None) is False
+    det.feed(0.9 * np.ones(1600, np.float32))
+    gen, window = det.take()
+    assert det.check(window) == "stop omni" and det.last_text == "stop omni"
+    assert det.match_window(window) == "stop omni"
+    assert det.done(gen, "stop omni") is True
+    assert transcribed == [] and len(looked) == 3             # the transcriber is never asked
+
+
 def test_serve_arguments():
     from omnitalk.server.cli import register
     parser = argparse.ArgumentParser()

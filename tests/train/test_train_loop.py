@@ -57,6 +57,11 @@ def test_loss_falls_and_stage_freezing(tmp_path, stage):
         assert changed == adapters | llm
         assert rows[0]["audio"] > 0
     assert torch.equal(after["lm_head.weight"], after["transformer.wte.weight"])
+    # a model trained on the interruption task says so in its exported config (servers use its head)
+    import yaml
+    flag = yaml.safe_load((res.path / "model_config.yaml").read_text()).get("interrupt_trained", False)
+    if stage in (1, 3):
+        assert flag is (stage == 3)
 
 
 def test_sigterm_checkpoint_and_exact_resume(tmp_path):
