@@ -191,20 +191,26 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return pts
 
 
-def draw_scene(scene: Scene, size: int, rng: random.Random):
-    """Pillow drawing of a scene on a light background."""
+def draw_scene(scene: Scene, size: int, rng: random.Random, label_map=None):
+    """Pillow drawing of a scene on a light background. With `label_map` (a PIL "L" image of the same
+    size) each item i is also drawn there, with the same geometry, in value i + 1."""
     from PIL import Image, ImageDraw
 
     bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
-    for shape, color, cx, cy, r in scene.items:
+    dl = ImageDraw.Draw(label_map) if label_map is not None else None
+    for i, (shape, color, cx, cy, r) in enumerate(scene.items):
         rgb = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLORS[color])
         if shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+            if dl is not None:
+                dl.ellipse([cx - r, cy - r, cx + r, cy + r], fill=i + 1)
         else:
             angle = rng.uniform(-0.25, 0.25) if shape != "star" else rng.uniform(-0.3, 0.3)
             d.polygon(_polygon(shape, cx, cy, r, angle), fill=rgb)
+            if dl is not None:
+                dl.polygon(_polygon(shape, cx, cy, r, angle), fill=i + 1)
     return img
 
 

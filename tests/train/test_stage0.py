@@ -1,0 +1,111 @@
+"""Stage 0 of the small recipe: the narrow encoders learn the world (omnitalk.train.stage0)."""
+import random
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omnitalk.model.clip import VisionDims, VisionTransformer
+from omnitalk.model.whisper import AudioEncoder, WhisperDims, sinusoids
+from omnitalk.train import stage0
+
+
+def test_transcribed_audio_takes_transcripts_and_asr_answers():
+    recs = [{"id": "a", "task": "qa", "question_audio": "/q1.wav", "question_transcript": "what is two plus two",
+             "answer_text": "four"},
+            {"id": "b", "task": "asr", "question_audio": "/q2.wav", "answer_text": "the red star"},
+            {"id": "c", "task": "qa", "question_audio": "/q3.wav", "answer_text": "four"},   # no transcript
+            {"id": "d", "task": "text", "question_text": "two plus two", "answer_text": "four"}]
+    assert stage0.transcribed_audio(recs) == [("/q1.wav", "what is two plus two"), ("/q2.wav", "the red star")]
+
+
+def test_augment_changes_speed_gain_and_adds_noise():
+    rng = np.random.default_rng(0)
+    x = np.sin(np.arange(16000) / 16000 * 2 * np.pi * 300).astype(np.float32)
+    for _ in range(20):
+        y = stage0.augment(x, rng, speed=(0.9, 1.1), gain=(0.3, 0.95))
+        assert y.dtype == np.float32 and np.isfinite(y).all()
+        assert 16000 / 1.1 - 1 <= len(y) <= 16000 / 0.9 + 1
+        assert 0.3 - 1e-5 <= np.abs(y).max() <= 0.95 + 1e-5
+    clean = stage0.augment(x, np.random.default_rng(1), speed=(1, 1), noise_prob=0.0, gain=(0.5, 0.5))
+    np.testing.assert_allclose(clean, 0.5 * x / np.abs(x).max(), atol=1e-6)
+
+
+def test_ctc_greedy_collapses_repeats_and_blanks():
+    blank = 3
+    path = [3, 0, 0, 3, 0, 1, 1, 3, 3, 2]
+    logp = torch.full((len(path), 4), -10.0)
+    logp[torch.arange(len(path)), torch.tensor(path)] = 0
+    assert stage0.ctc_greedy(logp, blank) == [0, 0, 1, 2]
+
+
+TONES = {0: 400.0, 1: 1500.0, 2: 3200.0}
+
+
+def _tone_utterance(words, rng):
+    sr = 16000
+    parts = [np.zeros(int(0.1 * sr), np.float32)]
+    for w in words:
+        t = np.arange(int(rng.uniform(0.2, 0.3) * sr)) / sr
+        parts += [0.5 * np.sin(2 * np.pi * TONES[w] * t).astype(np.float32), np.zeros(int(0.1 * sr), np.float32)]
+    return np.concatenate(parts)
+
+
+@pytest.mark.slow
+def test_ctc_pretraining_learns_a_tone_language(tmp_path):
+    """Three 'words' (tones), sequences of 1-3: CTC must learn to transcribe unseen sequences."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(80):
+        words = list(rng.integers(0, 3, rng.integers(1, 4)))
+        p = tmp_path / f"{i}.wav"
+        sf.write(p, _tone_utterance(words, rng), 16000)
+        items.append((str(p), " ".join(f"w{w}" for w in words)))
+    enc_text = lambda t: [int(w[1:]) for w in t.split()]
+    torch.manual_seed(0)
+    dims = WhisperDims(80, 1500, 32, 2, 1)
+    enc = AudioEncoder(dims)
+    with torch.no_grad():
+        enc.positional_embedding.copy_(sinusoids(1500, 32))
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    res = stage0.pretrain_audio_encoder(enc, items[:64], enc_text, 3, steps=500, batch_size=8, lr=2e-3, warmup=20,
+                                        held_out=items[64:], progress=False, log_every=50)
+    assert res.steps == 500 and res.losses[-1][1] < res.losses[0][1] / 20
+    assert res.metrics["n"] == 16 and res.metrics["ctc_wer"] < 0.15
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    assert not torch.equal(before["conv1.weight"], enc.conv1.weight)
+
+
+def test_random_scene_labels_match_the_drawing():
+    from omnitalk.train.world import SHAPES
+
+    rng = random.Random(3)
+    for _ in range(30):
+        img, counts, pairs = stage0.random_scene(rng, 224)
+        assert img.size == (224, 224)
+        assert counts.shape == (4,) and pairs.shape == (4, 6)
+        assert 1 <= counts.sum() <= 9
+        for s in range(len(SHAPES)):  # a shape is present exactly when some colour of it is
+            assert (counts[s] > 0) == (pairs[s].sum() > 0)
+            assert pairs[s].sum() <= counts[s]
+
+
+def test_vision_pretraining_runs_and_freezes():
+    torch.manual_seed(0)
+    vit = VisionTransformer(VisionDims(224, 32, 64, 1, 1, 64))
+    before = vit.conv1.weight.clone()
+    res = stage0.pretrain_vision_encoder(vit, steps=12, batch_size=8, n_images=40, n_held_out=16, lr=3e-3,
+                                         warmup=2, progress=False, log_every=4)
+    assert res.steps == 12 and len(res.losses) == 4
+    assert res.losses[-1][1] < res.losses[0][1]
+    assert set(res.metrics) == {"count_accuracy", "scene_count_exact", "pair_accuracy", "n"}
+    assert 0 <= res.metrics["count_accuracy"] <= 1 and res.metrics["n"] == 16
+    assert not torch.equal(before, vit.conv1.weight)
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+
+
+def test_cosine_lr_warms_up_then_decays():
+    lrs = [stage0.cosine_lr(s, 100, 1.0, 0.1, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
