@@ -92,12 +92,33 @@ CALIBRATION_TEXTS = ("what is three plus four", "the red circle is above the blu
                      "please turn on the lights", "what color is the square", "purple", "nineteen")
 
 
-def calibrate_snac(snac, wavs, seed: int) -> dict:
-    """Data-initialised codebooks for a random SNAC (the usual k-means-style VQ initialisation, without
-    any gradient training): with random weights every frame maps to the same code (the projected latents
-    share one dominant direction). For each of the 3 residual levels in turn: centre the factorised
-    projection (in_proj bias -= mean latent) and set the 4096 code vectors to normalised latents of real
-    speech (sampled with replacement, jittered). Returns code-usage statistics."""
+def spherical_kmeans(x, k: int, iters: int, g):
+    """Unit vectors x (N, D) -> k unit centroids (k, D) by cosine k-means (k-means++-style seeding by
+    random picks, empty clusters re-seeded from random points)."""
+    import torch
+    import torch.nn.functional as F
+
+    c = x[torch.randint(0, x.shape[0], (k,), generator=g)].clone()
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        if empty.any():
+            new[empty] = x[torch.randint(0, x.shape[0], (int(empty.sum()),), generator=g)]
+        c = F.normalize(new, dim=1)
+    return c
+
+
+def calibrate_snac(snac, wavs, seed: int, codes: int = 256) -> dict:
+    """Data-initialised codebooks for a random SNAC (k-means VQ initialisation, no gradient training):
+    with random weights every frame maps to the same code (the projected latents share one dominant
+    direction). For each of the 3 residual levels in turn: centre the factorised projection (in_proj
+    bias -= mean latent), then cluster the normalised latents of real speech into `codes` centroids
+    (spherical k-means) and fill the 4096-entry codebook with them, repeated (a repeated entry is never
+    chosen: the nearest-code search keeps the first of equal distances). Only `codes` ids per level are
+    in use, so each id is seen often in training and its embedding generalises across voices and noise;
+    the token layout stays the official 4096 + 64 specials. Returns code-usage statistics."""
     import torch
     import torch.nn.functional as F
 
@@ -105,16 +126,15 @@ def calibrate_snac(snac, wavs, seed: int) -> dict:
     with torch.no_grad():
         zs = [snac.encoder(snac.preprocess(torch.as_tensor(w).reshape(1, 1, -1))) for w in wavs]  # (1, D, T)
         residuals = zs
-        stats = {}
+        stats = {"codes_per_level": codes}
         for i, q in enumerate(snac.quantizer.quantizers):
             pooled = [F.avg_pool1d(r, q.stride, q.stride) if q.stride > 1 else r for r in residuals]
             ze = torch.cat([q.in_proj(p)[0].T for p in pooled])           # (N, 8)
             q.in_proj.bias -= ze.mean(0)
-            ze = torch.cat([q.in_proj(p)[0].T for p in pooled])
-            ze = F.normalize(ze, dim=1)
-            pick = torch.randint(0, ze.shape[0], (q.codebook.weight.shape[0],), generator=g)
-            cb = ze[pick] + 0.05 * torch.randn(len(pick), ze.shape[1], generator=g)
-            q.codebook.weight.copy_(F.normalize(cb, dim=1))
+            ze = F.normalize(torch.cat([q.in_proj(p)[0].T for p in pooled]), dim=1)
+            cent = spherical_kmeans(ze, min(codes, ze.shape[0]), 25, g)
+            n = q.codebook.weight.shape[0]
+            q.codebook.weight.copy_(cent.repeat(-(-n // cent.shape[0]), 1)[:n])
             new = []
             used = set()
             for r in residuals:
@@ -123,6 +143,7 @@ def calibrate_snac(snac, wavs, seed: int) -> dict:
                 new.append(r - zq)
             residuals = new
             stats[f"level{i}_codes_used"] = len(used)
+            stats[f"level{i}_max_id"] = max(used)
         stats["latent_frames"] = int(sum(z.shape[-1] for z in zs))
     return stats
 
@@ -163,13 +184,71 @@ def make_assets(out: Path, rc: dict, seed: int) -> Path:
         train_voices, _ = VoiceSpace.espeak().split()  # calibration never hears a held-out voice setting
         wavs = [synth_to(synth, t, MODEL_VOICE_ESPEAK, 24000) for t in CALIBRATION_TEXTS]
         wavs += [synth_to(synth, t, train_voices.sample(rng), 24000, peak=rng.uniform(0.3, 0.9))
-                 for t in CALIBRATION_TEXTS for _ in range(2)]
-        stats = calibrate_snac(snac, wavs, seed)
+                 for t in CALIBRATION_TEXTS for _ in range(rc.get("snac_calibration", {}).get("repeats", 2))]
+        stats = calibrate_snac(snac, wavs, seed, codes=rc.get("snac_calibration", {}).get("codes", 256))
         (out / "snac").mkdir(exist_ok=True)
         (out / "snac" / "config.json").write_text(json.dumps(cfg, indent=2))
         torch.save(snac.state_dict(), out / "snac" / "pytorch_model.bin")
         (out / "snac_calibration.json").write_text(json.dumps(stats, indent=2))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 0: the encoders learn the world (omnitalk.train.stage0)
+# ---------------------------------------------------------------------------------------------
+
+def _replace(path: Path, obj) -> None:
+    """torch.save to a new file, then rename over `path`: the encoders were loaded memory-mapped from
+    `path`, and writing into a mapped file in place would pull the pages from under them (SIGBUS)."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
+    """Train the narrow Whisper encoder (CTC on the training questions' audio, trimmed windows) and the
+    narrow CLIP ViT (scene attributes of drawn images) in place of the random ones in `assets`; both
+    stay frozen afterwards. Skipped when `<assets>/stage0.json` exists (the result of a previous run)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from omnitalk.model.clip import load_clip_vision
+    from omnitalk.model.whisper import load_whisper_encoder
+    from omnitalk.train.data import read_manifest
+    from omnitalk.train.stage0 import pretrain_audio_encoder, pretrain_vision_encoder, transcribed_audio
+
+    done = assets / "stage0.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    s0, progress = rc["stage0"], rc.get("progress", True)
+    w0, c0 = time.perf_counter(), cpu_seconds()
+    tok = Tokenizer.from_file(str(world / "tokenizer.json"))
+    items = transcribed_audio(read_manifest(world / "train.jsonl"))
+    held = transcribed_audio(read_manifest(world / "eval.jsonl"))[:100]
+    enc = load_whisper_encoder(assets / "small.pt")
+    a = s0["audio"]
+    ra = pretrain_audio_encoder(enc, items, lambda t: tok.encode(t).ids, tok.get_vocab_size(), steps=a["steps"],
+                                batch_size=a.get("batch_size", 16), lr=a.get("lr", 2e-3), seed=seed,
+                                max_minutes=a.get("max_minutes"), held_out=held, progress=progress)
+    dims = torch.load(assets / "small.pt", map_location="cpu", weights_only=True)["dims"]
+    _replace(assets / "small.pt", {"dims": dims, "window": "trimmed", "model_state_dict":
+                                   {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}})
+    v = s0["vision"]
+    vit = load_clip_vision(assets / "ViT-B-32.pt")
+    rv = pretrain_vision_encoder(vit, steps=v["steps"], batch_size=v.get("batch_size", 32),
+                                 n_images=v.get("n_images", 2000), lr=v.get("lr", 1e-3), seed=seed,
+                                 max_minutes=v.get("max_minutes"), progress=progress)
+    _replace(assets / "ViT-B-32.pt", {k: v.clone() for k, v in vit.state_dict().items()})
+    res = {"audio": {"steps": ra.steps, "seconds": round(ra.seconds, 1), "utterances": len(items),
+                     "held_out": ra.metrics, "loss": ra.losses},
+           "vision": {"steps": rv.steps, "seconds": round(rv.seconds, 1), "held_out": rv.metrics, "loss": rv.losses},
+           "wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+    done.write_text(json.dumps(res, indent=2))
+    log.info("stage 0: audio CTC WER %.3f (held out), vision count accuracy %.3f",
+             ra.metrics.get("ctc_wer", float("nan")), rv.metrics["count_accuracy"])
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,17 +497,24 @@ def main(argv=None) -> int:
     with T("world"):
         make_world_dir(world, rc, assets, seed)
     shutil.copyfile(world / "tokenizer.json", assets / "tokenizer.json")
+    stage0 = None
+    if rc.get("stage0"):
+        with T("train_stage0"):
+            stage0 = run_stage0(rc, assets, world, seed)
     with T("features"):
         feats = prepare_features(world, assets, rc.get("progress", True))
     stages = [int(s) for s in args.stages.split(",") if s]
     init, train_wall, train_cpu = None, 0.0, 0.0
+    if stage0 is not None:  # stage 0's own record when it ran in an earlier invocation
+        train_wall += max(T.rows["train_stage0"]["wall_s"], stage0.get("wall_s", 0.0))
+        train_cpu += max(T.rows["train_stage0"]["cpu_s"], stage0.get("cpu_s", 0.0))
     for st in stages:
         with T(f"train_stage{st}"):
             init = run_stage(rc, st, world, assets, out, init)
         train_wall += T.rows[f"train_stage{st}"]["wall_s"]
         train_cpu += T.rows[f"train_stage{st}"]["cpu_s"]
         plot_stage(out, st)
-    report = {"recipe": rc, "out": str(out), "final": str(init), "features": feats,
+    report = {"recipe": rc, "out": str(out), "final": str(init), "features": feats, "stage0": stage0,
               "world": json.loads((world / "world.json").read_text())}
     if not args.no_eval:
         with T("eval"):

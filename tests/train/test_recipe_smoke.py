@@ -47,7 +47,14 @@ def test_recipe_smoke(tmp_path):
     s = report["summary"]
     for k in ("asr_wer", "qa_accuracy_all", "codebook0_match", "interrupt_f1", "false_interruption_rate"):
         assert k in s
-    assert report["timing"]["train_wall_s"] > 0 and report["timing"]["train_cpu_s"] > 0
+    assert report["timing"]["train_wall_s"] > report["timing"]["train_stage0"]["wall_s"] > 0
+    assert report["timing"]["train_cpu_s"] > 0
+
+    # stage 0 trained the encoders (CTC on the questions, scene attributes) and measured them
+    s0 = report["stage0"]
+    assert s0["audio"]["steps"] == 20 and s0["audio"]["utterances"] > 10
+    assert 0 <= s0["audio"]["held_out"]["ctc_wer"] and s0["audio"]["held_out"]["words"] > 0
+    assert s0["vision"]["steps"] == 6 and 0 <= s0["vision"]["held_out"]["count_accuracy"] <= 1
 
     # the exported checkpoint round-trips: the engine loads the same LLM weights and answers
     from omnitalk.engine import OmniModel
@@ -55,6 +62,7 @@ def test_recipe_smoke(tmp_path):
 
     final = Path(report["final"])
     model = OmniModel.from_pretrained(final, device="cpu", download=False)
+    assert model.whisper_window == "trimmed"  # the stage-0 encoder runs the way it was trained
     ck = sorted((out / "stage3" / "checkpoints").glob("step-*"))[-1]
     sd, _ = load_training_state(ck)
     got = model.lm.state_dict()
