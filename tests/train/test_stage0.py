@@ -78,17 +78,45 @@ def test_ctc_pretraining_learns_a_tone_language(tmp_path):
 
 
 def test_random_scene_labels_match_the_drawing():
-    from omnitalk.train.world import SHAPES
+    from omnitalk.train.world import COLORS, SHAPES
 
     rng = random.Random(3)
     for _ in range(30):
-        img, counts, pairs = stage0.random_scene(rng, 224)
+        img, lab = stage0.random_scene(rng, 224)
+        counts, pairs = lab["counts"], lab["pairs"]
         assert img.size == (224, 224)
         assert counts.shape == (4,) and pairs.shape == (4, 6)
         assert 1 <= counts.sum() <= 9
         for s in range(len(SHAPES)):  # a shape is present exactly when some colour of it is
             assert (counts[s] > 0) == (pairs[s].sum() > 0)
             assert pairs[s].sum() <= counts[s]
+        # per patch of the 7 x 7 grid: every centred item sits on a covered patch of its own shape
+        assert lab["cover_shape"].shape == lab["cover_color"].shape == lab["centre"].shape == (49,)
+        assert (lab["centre"] > 0).sum() <= counts.sum()
+        for k in np.flatnonzero(lab["centre"]):
+            s = lab["centre"][k] - 1
+            assert counts[s] > 0
+        covered = lab["cover_shape"] > 0
+        assert covered.any() and ((lab["cover_color"] > 0) == covered).all()
+        colours = np.array(list(COLORS))
+        for k in np.flatnonzero(covered):  # the covering item's (shape, colour) is one the scene holds
+            assert pairs[lab["cover_shape"][k] - 1, lab["cover_color"][k] - 1] == 1, colours
+
+
+def test_label_map_is_drawn_with_the_same_geometry():
+    """draw_scene's label map marks exactly the pixels each item paints (value = item index + 1)."""
+    from PIL import Image
+
+    from omnitalk.train.world import Scene, draw_scene
+
+    scene = Scene(items=[("square", "red", 60.0, 60.0, 30.0), ("circle", "blue", 160.0, 160.0, 25.0)])
+    lab = Image.new("L", (224, 224), 0)
+    img = np.asarray(draw_scene(scene, 224, random.Random(0), label_map=lab)).astype(int)
+    m = np.asarray(lab)
+    assert m[60, 60] == 1 and m[160, 160] == 2 and m[0, 0] == 0 and m[112, 200] == 0
+    red = (img[..., 0] > 150) & (img[..., 2] < 100)
+    blue = (img[..., 2] > 150) & (img[..., 0] < 100)
+    assert ((m == 1) == red).mean() > 0.995 and ((m == 2) == blue).mean() > 0.995
 
 
 def test_vision_pretraining_runs_and_freezes():
@@ -99,7 +127,8 @@ def test_vision_pretraining_runs_and_freezes():
                                          warmup=2, progress=False, log_every=4)
     assert res.steps == 12 and len(res.losses) == 4
     assert res.losses[-1][1] < res.losses[0][1]
-    assert set(res.metrics) == {"count_accuracy", "scene_count_exact", "pair_accuracy", "n"}
+    assert set(res.metrics) == {"count_accuracy", "scene_count_exact", "pair_accuracy", "patch_shape_accuracy",
+                                "patch_color_accuracy", "centre_accuracy", "n"}
     assert 0 <= res.metrics["count_accuracy"] <= 1 and res.metrics["n"] == 16
     assert not torch.equal(before, vit.conv1.weight)
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())
