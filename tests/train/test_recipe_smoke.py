@@ -1,6 +1,6 @@
 """A shortened run of the small CPU recipe (scripts/train_small.py --preset smoke; docs/training.md):
-random seeded encoders + codec -> a tiny synthetic world (espeak-ng) -> cached features -> stages 1-3 ->
-evaluation through the engine. Asserts that the loss falls and that the exported checkpoint round-trips
+seeded encoders + k-means codec -> a tiny synthetic world (espeak-ng) -> stage 0 (the encoders learn
+the world) -> cached features -> stages 1-3 -> evaluation through the engine. Asserts that the loss falls and that the exported checkpoint round-trips
 through OmniModel.from_pretrained with the same weights. Takes a few minutes on 2 CPU cores."""
 from __future__ import annotations
 
