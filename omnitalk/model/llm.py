@@ -27,14 +27,32 @@ class RMSNorm(nn.Module):
         return x.to(dtype) * self.weight
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a few fp32 rows on the CPU (decode steps): there `weight @ x.T` streams the
+    (out, in) weight once, while MKL's x @ weight.T packs the whole weight first — 2-3x slower for
+    2 rows. Same products, another summation order (differences at float rounding level)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 \
+            and x.numel() <= 8 * x.shape[-1]:
+        y = (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) running `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """proj(silu(fc_1 x) * fc_2 x): the LLM's SwiGLU and both adapters (litgpt's LLaMAMLP)."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int):
         super().__init__()
-        self.fc_1 = nn.Linear(d_in, d_hidden, bias=False)
-        self.fc_2 = nn.Linear(d_in, d_hidden, bias=False)
-        self.proj = nn.Linear(d_hidden, d_out, bias=False)
+        self.fc_1 = Linear(d_in, d_hidden, bias=False)
+        self.fc_2 = Linear(d_in, d_hidden, bias=False)
+        self.proj = Linear(d_hidden, d_out, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
@@ -104,8 +122,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.nh, self.ng, self.hs = cfg.n_head, cfg.n_query_groups, cfg.head_size
         # litgpt's grouped layout: per group, its nh/ng query heads, then one key and one value head
-        self.attn = nn.Linear(cfg.n_embd, (self.nh + 2 * self.ng) * self.hs, bias=cfg.add_qkv_bias)
-        self.proj = nn.Linear(self.nh * self.hs, cfg.n_embd, bias=False)
+        self.attn = Linear(cfg.n_embd, (self.nh + 2 * self.ng) * self.hs, bias=cfg.add_qkv_bias)
+        self.proj = Linear(self.nh * self.hs, cfg.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos, cache=None, rows=None):
@@ -238,7 +256,7 @@ class OmniLM(nn.Module):
         wte = self.transformer.wte
         if hasattr(wte, "logits"):  # int8 table (omnitalk.quant.Int8Embedding)
             return wte.logits(h, rows)
-        return F.linear(h, wte.weight[rows])
+        return linear(h, wte.weight[rows])
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., text_vocab_size)."""

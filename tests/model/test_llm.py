@@ -118,3 +118,27 @@ def test_full_size_state_dict_matches_release_manifest():
     assert got == [(m["name"], m["shape"]) for m in manifest]
     n_params = sum(p.numel() for p in lm.parameters())  # parameters() counts the tied head once
     assert n_params == 541_349_760
+
+
+def test_small_row_linear_matches_f_linear():
+    """omnitalk.model.llm.linear: weight @ x.T for a few fp32 rows on the CPU (decode steps), F.linear
+    otherwise; the same values up to float rounding, gradients included."""
+    import torch.nn.functional as F
+
+    from omnitalk.model.llm import Linear, linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    for shape in [(2, 32), (2, 1, 32), (1, 32), (8, 32), (3, 5, 32)]:
+        x = torch.randn(*shape)
+        for bias in (None, b):
+            y = linear(x, w, bias)
+            assert y.shape == (*shape[:-1], 48)
+            torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    big = torch.randn(40, 32)
+    assert torch.equal(linear(big, w, b), F.linear(big, w, b))  # many rows: F.linear itself
+    lin = Linear(32, 48)
+    x = torch.randn(2, 32, requires_grad=True)
+    lin(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(2, -1))
+    assert set(lin.state_dict()) == {"weight", "bias"}
