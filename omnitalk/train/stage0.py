@@ -51,6 +51,43 @@ class Stage0Result:
     metrics: dict         # held-out measurements of the head (frame/word accuracy)
 
 
+def fit(encoder: nn.Module, head: nn.Module, batch_loss: Callable[[], torch.Tensor], *, steps: int, lr: float,
+        min_lr: float, warmup: int, max_minutes: float | None, log_every: int, progress: bool,
+        name: str) -> tuple[int, float, list]:
+    """Train encoder + head together (AdamW, cosine schedule, gradient clipping at 1) for `steps` calls
+    of `batch_loss()`, or until `max_minutes`; then freeze the encoder (eval mode, no gradients).
+    Returns (steps done, seconds, [(step, loss)] every log_every steps)."""
+    from tqdm.auto import tqdm
+
+    params = list(encoder.parameters()) + list(head.parameters())
+    encoder.train()
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    losses, t0, done = [], time.perf_counter(), 0
+    with tqdm(total=steps, desc=f"stage 0 {name}", unit="step", disable=not progress) as bar:
+        for step in range(steps):
+            if max_minutes and time.perf_counter() - t0 > max_minutes * 60:
+                log.warning("stage 0 %s: %.1f-minute budget reached at step %d", name, max_minutes, step)
+                break
+            loss = batch_loss()
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(step, steps, lr, min_lr, warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            done = step + 1
+            if step % log_every == 0 or step == steps - 1:
+                losses.append((step, float(loss.detach())))
+                bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
+            bar.update(1)
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return done, time.perf_counter() - t0, losses
+
+
 # ---------------------------------------------------------------------------------------------
 # audio: CTC over the world's words
 # ---------------------------------------------------------------------------------------------
@@ -117,26 +154,14 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
                            held_out: Sequence[tuple[str, str]] = (), log_every: int = 25,
                            progress: bool = True) -> Stage0Result:
     """CTC-train `encoder` (an omnitalk AudioEncoder, trimmed windows) in place on (audio path, text)."""
-    from tqdm.auto import tqdm
-
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     wavs = [audio_io.load_audio(p) for p, _ in items]
     labels = [encode_text(t) for _, t in items]
     order = np.argsort([len(w) for w in wavs])  # batches of neighbours in length: little padding
     head = CTCHead(encoder.dims.n_audio_state, n_words)
-    params = list(encoder.parameters()) + list(head.parameters())
-    encoder.train()
-    for p in encoder.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    losses, t0 = [], time.perf_counter()
-    bar = tqdm(total=steps, desc="stage 0 audio (CTC)", unit="step", disable=not progress)
-    step = 0
-    for step in range(steps):
-        if max_minutes and time.perf_counter() - t0 > max_minutes * 60:
-            log.warning("stage 0 audio: %.1f-minute budget reached at step %d", max_minutes, step)
-            break
+
+    def batch_loss() -> torch.Tensor:
         start = int(rng.integers(0, max(1, len(order) - batch_size + 1)))
         idx = order[start:start + batch_size]
         mels = [trimmed_mel(augment(wavs[i], rng)) for i in idx]
@@ -145,26 +170,13 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
         lens = torch.tensor([m.shape[-1] // 2 for m in mels])
         logp = head(encoder(batch))                                   # (B, T/2, V+1)
         tgt = [torch.tensor(labels[i]) for i in idx]
-        loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lens, torch.tensor([len(t) for t in tgt]),
+        return F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lens, torch.tensor([len(t) for t in tgt]),
                           blank=head.blank, zero_infinity=True)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, min_lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            losses.append((step, float(loss.detach())))
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        bar.update(1)
-    bar.close()
-    encoder.eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    metrics = {}
-    if held_out:
-        metrics = ctc_word_error(encoder, head, held_out, encode_text)
-    return Stage0Result(step + 1, time.perf_counter() - t0, losses, metrics)
+
+    done, seconds, losses = fit(encoder, head, batch_loss, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup,
+                                max_minutes=max_minutes, log_every=log_every, progress=progress, name="audio (CTC)")
+    metrics = ctc_word_error(encoder, head, held_out, encode_text) if held_out else {}
+    return Stage0Result(done, seconds, losses, metrics)
 
 
 @torch.no_grad()
@@ -282,42 +294,19 @@ def pretrain_vision_encoder(vit, *, steps: int = 400, batch_size: int = 32, n_im
                             seed: int = 0, max_minutes: float | None = None, log_every: int = 25,
                             progress: bool = True) -> Stage0Result:
     """Train `vit` (an omnitalk VisionTransformer) in place on freshly drawn scenes."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     size, patch = vit.dims.image_resolution, vit.dims.patch_size
     X, Y = make_scenes(n_images, seed, size, patch, progress)
     Xh, Yh = make_scenes(n_held_out, seed + 10_000, size, patch)
     head = SceneHead(vit.dims.output_dim)
-    params = list(vit.parameters()) + list(head.parameters())
-    vit.train()
-    for p in vit.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(seed)
-    losses, t0 = [], time.perf_counter()
-    bar = tqdm(total=steps, desc="stage 0 vision", unit="step", disable=not progress)
-    step = 0
-    for step in range(steps):
-        if max_minutes and time.perf_counter() - t0 > max_minutes * 60:
-            log.warning("stage 0 vision: %.1f-minute budget reached at step %d", max_minutes, step)
-            break
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(X), (batch_size,), generator=g)
-        loss = SceneHead.loss(head(vit(X[idx])), {k: v[idx] for k, v in Y.items()})
-        for gr in opt.param_groups:
-            gr["lr"] = cosine_lr(step, steps, lr, min_lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            losses.append((step, float(loss.detach())))
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        bar.update(1)
-    bar.close()
-    vit.eval()
-    for p in vit.parameters():
-        p.requires_grad_(False)
+        return SceneHead.loss(head(vit(X[idx])), {k: v[idx] for k, v in Y.items()})
+
+    done, seconds, losses = fit(vit, head, batch_loss, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup,
+                                max_minutes=max_minutes, log_every=log_every, progress=progress, name="vision")
     with torch.no_grad():
         out = head(vit(Xh))
     acc = lambda k: float((out[k].argmax(-1) == Yh[k]).float().mean())
@@ -326,4 +315,4 @@ def pretrain_vision_encoder(vit, *, steps: int = 400, batch_size: int = 32, n_im
                "pair_accuracy": float(((out["pairs"] > 0).float() == Yh["pairs"]).float().mean()),
                "patch_shape_accuracy": acc("cover_shape"), "patch_color_accuracy": acc("cover_color"),
                "centre_accuracy": acc("centre"), "n": int(len(Xh))}
-    return Stage0Result(step + 1, time.perf_counter() - t0, losses, metrics)
+    return Stage0Result(done, seconds, losses, metrics)
