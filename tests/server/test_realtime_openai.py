@@ -76,6 +76,21 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def long_answer_without_vad(conn) -> None:
+    """Turn detection off, then a long spoken answer; returns once its first audio delta arrived."""
+    await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+    await until(conn, "session.updated")
+    await conn.conversation.item.create(item=text_item(LONG))
+    await conn.response.create()
+    await until(conn, "response.output_audio.delta")
+
+
+def tone_pcm(seconds: float, amplitude: float) -> str:
+    """A 440-Hz tone as base64 PCM16 at 24 kHz."""
+    x = amplitude * np.sin(2 * np.pi * 440 * np.arange(int(24000 * seconds)) / 24000)
+    return b64((x * 32767).astype("<i2").tobytes())
+
+
 def text_item(text: str) -> dict:
     return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
@@ -300,13 +315,8 @@ def test_spoken_stop_command_cancels_without_vad(scheduler):
         async def main():
             async with client(srv).realtime.connect(model="mini-omni2") as conn:
                 await until(conn, "session.created")
-                await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-                await until(conn, "session.updated")
-                await conn.conversation.item.create(item=text_item(LONG))
-                await conn.response.create()
-                await until(conn, "response.output_audio.delta")
-                tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(24000 * 0.6) / 24000)
-                await conn.input_audio_buffer.append(audio=b64((tone * 32767).astype("<i2").tobytes()))
+                await long_answer_without_vad(conn)
+                await conn.input_audio_buffer.append(audio=tone_pcm(0.6, 0.5))
                 seen = []
                 done = await until(conn, "response.done", seen=seen)
                 types = [e.type for e in seen]
@@ -340,16 +350,10 @@ def test_trained_listening_head_stops_the_answer(scheduler, model, monkeypatch):
             async with client(srv).realtime.connect(model="mini-omni2") as conn:
                 created = await until(conn, "session.created")
                 assert created.session.model_extra.get("stop_detector") == "listening_head"
-                await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-                await until(conn, "session.updated")
-                await conn.conversation.item.create(item=text_item(LONG))
-                await conn.response.create()
-                await until(conn, "response.output_audio.delta")
-                quiet = 0.1 * np.sin(2 * np.pi * 440 * np.arange(24000 * 0.4) / 24000)
-                await conn.input_audio_buffer.append(audio=b64((quiet * 32767).astype("<i2").tobytes()))
+                await long_answer_without_vad(conn)
+                await conn.input_audio_buffer.append(audio=tone_pcm(0.4, 0.1))
                 await asyncio.sleep(0.5)
-                tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(24000 * 0.6) / 24000)
-                await conn.input_audio_buffer.append(audio=b64((tone * 32767).astype("<i2").tobytes()))
+                await conn.input_audio_buffer.append(audio=tone_pcm(0.6, 0.5))
                 done = await until(conn, "response.done")
                 assert done.response.status == "cancelled"
         run(main())
