@@ -28,6 +28,7 @@ Steps (each is skipped when its output exists, so a re-run resumes at the first 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -211,7 +212,6 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     """Train the narrow Whisper encoder (CTC on the training questions' audio, trimmed windows) and the
     narrow CLIP ViT (scene attributes of drawn images) in place of the random ones in `assets`; both
     stay frozen afterwards. Skipped when `<assets>/stage0.json` exists (the result of a previous run)."""
-    import torch
     from tokenizers import Tokenizer
 
     from omnitalk.model.clip import load_clip_vision
@@ -232,8 +232,7 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     ra = pretrain_audio_encoder(enc, items, lambda t: tok.encode(t).ids, tok.get_vocab_size(), steps=a["steps"],
                                 batch_size=a.get("batch_size", 16), lr=a.get("lr", 2e-3), seed=seed,
                                 max_minutes=a.get("max_minutes"), held_out=held, progress=progress)
-    dims = torch.load(assets / "small.pt", map_location="cpu", weights_only=True)["dims"]
-    _replace(assets / "small.pt", {"dims": dims, "window": "trimmed", "model_state_dict":
+    _replace(assets / "small.pt", {"dims": dataclasses.asdict(enc.dims), "window": "trimmed", "model_state_dict":
                                    {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}})
     v = s0["vision"]
     vit = load_clip_vision(assets / "ViT-B-32.pt")
