@@ -65,6 +65,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from omnitalk import kernels
+
 SR = 16000                       # question sample rate (Whisper)
 SNAC_RATE = 24000
 SAMPLES_PER_FRAME = 2048
@@ -203,6 +205,7 @@ class Machine:
     date: str
     git_commit: str | None
     git_dirty: bool | None
+    kernels: str = ""
 
 
 @dataclass
@@ -333,7 +336,8 @@ def machine_info(device: str) -> Machine:
         cpu_flags=[f for f in interesting if f in flags], gpu=gpu, torch_version=torch.__version__,
         numpy_version=np.__version__, python=platform.python_version(), platform=platform.platform(),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=_git("rev-parse", "HEAD"), git_dirty=None if status is None else bool(status))
+        git_commit=_git("rev-parse", "HEAD"), git_dirty=None if status is None else bool(status),
+        kernels=kernels.info())
 
 
 def _sync(device: str) -> None:
@@ -1108,7 +1112,7 @@ def render(report: Report) -> str:
         f"machine: {m.cpu_model}, {m.physical_cores} physical cores / {m.logical_cpus} logical, "
         f"{m.mem_total_gb} GB, {m.cpu_capability} {' '.join(m.cpu_flags)}" + (f", GPU {m.gpu}" if m.gpu else ""),
         f"torch {m.torch_version}, {cfg.threads} threads, device {cfg.device}; weights: {weights}; "
-        f"repeats {cfg.repeats} (+{cfg.warmup} warm-up), RTF repeats {cfg.rtf_repeats}",
+        f"repeats {cfg.repeats} (+{cfg.warmup} warm-up), RTF repeats {cfg.rtf_repeats}; {m.kernels}",
         f"memory bandwidth: read {bw.read_gbs:.1f} GB/s, copy {bw.copy_gbs:.1f} GB/s (best of {bw.repeats}, "
         f"{bw.gib:g} GiB); a step is {STEP_AUDIO_MS:.1f} ms of speech, a chunk {CHUNK_MS:.1f} ms",
         "",

@@ -97,7 +97,7 @@ def load_llm(ckpt: Path, cfg: Config, device="cpu", mode: str = "fp32", state_di
     already int8 (our safetensors written with `convert --mode int8`) loads as int8 directly.
     """
     from omnitalk.model.llm import OmniLM, rope_cache
-    from omnitalk.quant import MODES, quantize_lm
+    from omnitalk.quant import MODES, fp32_norms, quantize_lm
 
     if mode not in MODES:
         raise CheckpointError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -127,6 +127,8 @@ def load_llm(ckpt: Path, cfg: Config, device="cpu", mode: str = "fp32", state_di
     cos, sin = rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base)
     lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
     lm.tied_head_equal = tied_equal
+    if stored_int8:
+        fp32_norms(lm)
     lm = lm.eval().requires_grad_(False)
     return quantize_lm(lm, mode) if mode == "int8" and not stored_int8 else lm
 

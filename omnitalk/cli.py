@@ -241,10 +241,12 @@ def run_info(args) -> int:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     from omnitalk import checkpoint as ckpt_io
+    from omnitalk import kernels
 
     for dist in ("omnitalk", "torch", "snac", "tokenizers", "numpy"):
         print(f"{dist:<11} {_version(dist)}")
     print(f"threads     {torch.get_num_threads()}")
+    print(f"kernels     {kernels.info().split(': ', 1)[1]}")
     if torch.cuda.is_available():
         gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
         print(f"cuda        yes ({gpus})")

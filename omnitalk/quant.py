@@ -1,13 +1,16 @@
 """Weight-only int8 quantisation (per output channel / per embedding row) and bf16 for the LLM.
 
-int8 weights are read once per step by `torch._weight_int8pack_mm` (bf16 activations, one scale per
-output row), so a decode step moves ~1/4 of the fp32 bytes. Norms stay in fp32 (RMSNorm upcasts).
+int8 weights are read once per step by omnitalk's CPU kernel (`omnitalk.kernels.gemv`: int8 widened to
+fp32 in registers, fp32 activations and sums, one scale per output row) or, where it is not built, by
+`torch._weight_int8pack_mm` (bf16 activations), so a decode step moves ~1/4 of the fp32 bytes. Norms stay in fp32 (RMSNorm upcasts).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from omnitalk import kernels
 
 MODES = ("fp32", "bf16", "int8")
 
@@ -26,6 +29,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     x2 = x.reshape(-1, shape[-1])
     if x2.size(0) > 16:  # prefill: the int8 kernel is built for a few rows; dequantise once instead
         y = F.linear(x2.float(), q.float() * scales.float()[:, None]).to(x.dtype)
+    elif (y := kernels.gemv(x2, q, scales)) is not None:  # omnitalk's CPU kernel: fp32 sums
+        y = y.to(x.dtype)
     elif x2.device.type == "cpu" or x2.device.type == "mps":
         y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scales.to(torch.bfloat16)).to(x.dtype)
     else:  # CUDA: dequantise on the fly (fused by torch.compile when enabled)
@@ -44,9 +49,8 @@ class Int8Linear(nn.Module):
             q, s = torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(out_features)
         self.register_buffer("weight", q)
         self.register_buffer("scales", s.to(torch.bfloat16))
-        self.register_buffer("bias", linear.bias.detach().to(torch.bfloat16).clone()
-                             if linear is not None and bias else (torch.zeros(out_features, dtype=torch.bfloat16)
-                                                                  if bias else None))
+        self.register_buffer("bias", linear.bias.detach().float().clone()
+                             if linear is not None and bias else (torch.zeros(out_features) if bias else None))
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", s.to(torch.bfloat16))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].to(torch.bfloat16) * self.scales[ids].unsqueeze(-1)
+        return self.weight[ids].float() * self.scales[ids].float().unsqueeze(-1)
 
     def logits(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
         return int8_matmul(h, self.weight[rows], self.scales[rows])
@@ -89,7 +93,13 @@ def quantize_lm(lm, mode: str):
     lm.transformer.wte = Int8Embedding(lm.transformer.wte)
     del lm.lm_head  # the head is the (quantised) embedding table
     lm.lm_head = None
-    for m in lm.modules():  # norms: bf16 weights, fp32 compute inside RMSNorm
+    return fp32_norms(lm)
+
+
+def fp32_norms(lm):
+    """int8 mode computes in fp32 (the kernel widens the weights): norms, hence activations and KV cache,
+    are fp32. int8 files written before this rule carry bf16 norms; loading converts them."""
+    for m in lm.modules():
         if hasattr(m, "eps"):
-            m.weight.data = m.weight.data.to(torch.bfloat16)
+            m.weight.data = m.weight.data.float()
     return lm

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omnitalk import kernels
 from omnitalk.config import Config
 
 
@@ -28,13 +29,17 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a few fp32 rows on the CPU (decode steps): there `weight @ x.T` streams the
-    (out, in) weight once, while MKL's x @ weight.T packs the whole weight first — 2-3x slower for
-    2 rows. Same products, another summation order (differences at float rounding level)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 \
-            and x.numel() <= 8 * x.shape[-1]:
-        y = (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
+    """F.linear, except for a few rows on the CPU (decode steps): there omnitalk's gemv kernel streams
+    the (out, in) weight once for all rows (fp32 or bf16 weights, fp32 sums), while MKL's x @ weight.T
+    packs the whole weight first — 2-3x slower for 2 rows. Same products, another summation order
+    (differences at float rounding level). Without the kernel, `weight @ x.T` for fp32."""
+    if x.device.type == "cpu" and x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
+        y = kernels.gemv(x, weight)
+        if y is None and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            y = (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
+        if y is not None:
+            y = y.to(x.dtype)
+            return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 

@@ -121,8 +121,8 @@ def test_full_size_state_dict_matches_release_manifest():
 
 
 def test_small_row_linear_matches_f_linear():
-    """omnitalk.model.llm.linear: weight @ x.T for a few fp32 rows on the CPU (decode steps), F.linear
-    otherwise; the same values up to float rounding, gradients included."""
+    """omnitalk.model.llm.linear: omnitalk's gemv kernel (or weight @ x.T without it) for a few rows on
+    the CPU (decode steps), F.linear otherwise; the same values up to float rounding, gradients included."""
     import torch.nn.functional as F
 
     from omnitalk.model.llm import Linear, linear

@@ -1,0 +1,221 @@
+// Decode-step matrix-vector products for a few rows: y (M, N) = x (M, K) . W (N, K)^T [* scale (N)].
+//
+// A decode step multiplies one or two activation rows by every weight matrix once, so its speed is the
+// speed at which the weights stream from memory. These kernels stream each weight row exactly once for
+// all M rows, widen it to fp32 in registers (int8 -> fp32, bf16 -> fp32, or fp32 as is) and accumulate
+// with fp32 FMAs: weight-only quantisation, activations stay fp32. Work is split over output rows with
+// ATen's thread pool (at::parallel_for), so every thread streams one contiguous block of the weight.
+//
+// AVX-512 and AVX2 bodies are compiled with target attributes and chosen at run time, so the built
+// library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / omnitalk.isa.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+namespace {
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define T256 __attribute__((target("avx2,fma")))
+
+// ---- widen 16 (AVX-512) or 8 (AVX2) weights to fp32 ------------------------------------------------
+T512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+T512 inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+T512 inline __m512 load16(const at::BFloat16* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+T256 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+T256 inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+T256 inline __m256 load8(const at::BFloat16* p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+T256 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+constexpr int64_t PF_BYTES = 14 * 1024;  // software prefetch distance, in bytes of weights ahead
+
+inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+struct Args {
+  const float* x; int64_t M, K;  // x (M, K) contiguous fp32
+  const void* w;                 // W (N, K) contiguous
+  const void* scale;             // (N,) or null
+  bool scale_bf16;
+  float* y; int64_t N;           // y (M, N) contiguous fp32
+};
+
+inline float scale_at(const Args& a, int64_t n) {
+  if (!a.scale) return 1.f;
+  return a.scale_bf16 ? static_cast<float>(static_cast<const at::BFloat16*>(a.scale)[n])
+                      : static_cast<const float*>(a.scale)[n];
+}
+
+// NB output rows at a time, all M activation rows: NB * M independent accumulators hide FMA latency.
+template <int M, int NB, typename W>
+T512 void block512(const Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
+  const W* w = static_cast<const W*>(a.w);
+  const int64_t K = a.K, K16 = K / 16 * 16;
+  const int64_t PF = std::max<int64_t>(1, PF_BYTES / (NB * K * static_cast<int64_t>(sizeof(W))));
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][M];
+    for (int i = 0; i < NB; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+    // prefetch the block PF blocks ahead, its bytes spread evenly over this block's loop
+    const char* pf = reinterpret_cast<const char*>(w + (n + PF * NB) * K);
+    const int64_t pf_step = NB * 16 * static_cast<int64_t>(sizeof(W));
+    for (int64_t k = 0; k < K16; k += 16) {
+      if (n + (PF + 1) * NB <= n1)
+        for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k * NB * sizeof(W) + b, _MM_HINT_T0);
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+      for (int i = 0; i < NB; ++i) {
+        __m512 wv = load16(w + (n + i) * K + k);
+        for (int m = 0; m < M; ++m) acc[i][m] = _mm512_fmadd_ps(wv, xv[m], acc[i][m]);
+      }
+    }
+    for (int i = 0; i < NB; ++i) {
+      const float s = scale_at(a, n + i);
+      for (int m = 0; m < M; ++m) {
+        float t = _mm512_reduce_add_ps(acc[i][m]);
+        for (int64_t k = K16; k < K; ++k) t += x[m * K + k] * to_float(w[(n + i) * K + k]);
+        y[m * a.N + n + i] = t * s;
+      }
+    }
+  }
+  if (n < n1) block512<M, 1, W>(a, x, y, n, n1);
+}
+
+template <int M, int NB, typename W>
+T256 void block256(const Args& a, const float* x, float* y, int64_t n0, int64_t n1) {
+  const W* w = static_cast<const W*>(a.w);
+  const int64_t K = a.K, K8 = K / 8 * 8;
+  const int64_t PF = std::max<int64_t>(1, PF_BYTES / (NB * K * static_cast<int64_t>(sizeof(W))));
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 acc[NB][M];
+    for (int i = 0; i < NB; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm256_setzero_ps();
+    const char* pf = reinterpret_cast<const char*>(w + (n + PF * NB) * K);
+    const int64_t pf_step = NB * 8 * static_cast<int64_t>(sizeof(W));
+    for (int64_t k = 0; k < K8; k += 8) {
+      if (n + (PF + 1) * NB <= n1)
+        for (int64_t b = 0; b < pf_step; b += 64) _mm_prefetch(pf + k * NB * sizeof(W) + b, _MM_HINT_T0);
+      for (int i = 0; i < NB; ++i) {
+        __m256 wv = load8(w + (n + i) * K + k);
+        for (int m = 0; m < M; ++m) acc[i][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[i][m]);
+      }
+    }
+    for (int i = 0; i < NB; ++i) {
+      const float s = scale_at(a, n + i);
+      for (int m = 0; m < M; ++m) {
+        float t = hsum8(acc[i][m]);
+        for (int64_t k = K8; k < K; ++k) t += x[m * K + k] * to_float(w[(n + i) * K + k]);
+        y[m * a.N + n + i] = t * s;
+      }
+    }
+  }
+  if (n < n1) block256<M, 1, W>(a, x, y, n, n1);
+}
+
+// OMNITALK_KERNELS_ISA=avx2 runs the AVX2 bodies on an AVX-512 CPU (tests, comparisons).
+bool has_avx512() {
+  static const bool yes = [] {
+    const char* want = std::getenv("OMNITALK_KERNELS_ISA");
+    if (want && std::string(want) == "avx2") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return yes;
+}
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// Rows [n0, n1) for up to 8 activation rows starting at x (chunks of 8 are run one after another).
+template <typename W>
+void rows(const Args& a, const float* x, float* y, int64_t M, int64_t n0, int64_t n1) {
+  if (has_avx512()) {
+    switch (M) {
+      case 1: return block512<1, 8, W>(a, x, y, n0, n1);
+      case 2: return block512<2, 4, W>(a, x, y, n0, n1);
+      case 3: return block512<3, 4, W>(a, x, y, n0, n1);
+      case 4: return block512<4, 4, W>(a, x, y, n0, n1);
+      case 5: return block512<5, 2, W>(a, x, y, n0, n1);
+      case 6: return block512<6, 2, W>(a, x, y, n0, n1);
+      case 7: return block512<7, 2, W>(a, x, y, n0, n1);
+      default: return block512<8, 2, W>(a, x, y, n0, n1);
+    }
+  }
+  switch (M) {
+    case 1: return block256<1, 4, W>(a, x, y, n0, n1);
+    case 2: return block256<2, 4, W>(a, x, y, n0, n1);
+    case 3: return block256<3, 2, W>(a, x, y, n0, n1);
+    case 4: return block256<4, 2, W>(a, x, y, n0, n1);
+    case 5: return block256<5, 1, W>(a, x, y, n0, n1);
+    case 6: return block256<6, 1, W>(a, x, y, n0, n1);
+    case 7: return block256<7, 1, W>(a, x, y, n0, n1);
+    default: return block256<8, 1, W>(a, x, y, n0, n1);
+  }
+}
+
+template <typename W>
+void run(const Args& a) {
+  // Each thread takes one contiguous block of output rows (= of the weight) for all M rows.
+  const int64_t grain = std::max<int64_t>(32, a.N / (8 * at::get_num_threads()));
+  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += 8)
+      rows<W>(a, a.x + m0 * a.K, a.y + m0 * a.N, std::min<int64_t>(8, a.M - m0), n0, n1);
+  });
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale) {
+  TORCH_CHECK(has_avx2(), "omnitalk.gemv needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "omnitalk.gemv: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "omnitalk.gemv: x must be a contiguous fp32 (M, K) tensor");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
+              "omnitalk.gemv: w must be a contiguous (N, K) tensor with K = x.size(1)");
+  Args a{x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr(), nullptr, false, nullptr, w.size(0)};
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == w.size(0) && scale->is_contiguous() &&
+                (scale->scalar_type() == at::kFloat || scale->scalar_type() == at::kBFloat16),
+                "omnitalk.gemv: scale must be a contiguous fp32 or bf16 (N,) tensor");
+    a.scale = scale->data_ptr();
+    a.scale_bf16 = scale->scalar_type() == at::kBFloat16;
+  }
+  at::Tensor y = at::empty({a.M, a.N}, x.options());
+  a.y = y.data_ptr<float>();
+  switch (w.scalar_type()) {
+    case at::kFloat: run<float>(a); break;
+    case at::kChar: run<int8_t>(a); break;
+    case at::kBFloat16: run<at::BFloat16>(a); break;
+    default: TORCH_CHECK(false, "omnitalk.gemv: weights must be fp32, bf16 or int8, got ", w.scalar_type());
+  }
+  return y;
+}
+
+std::string isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "none"; }
+
+}  // namespace
+
+TORCH_LIBRARY(omnitalk, m) {
+  m.def("gemv(Tensor x, Tensor w, Tensor? scale=None) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(omnitalk, CPU, m) { m.impl("gemv", gemv); }

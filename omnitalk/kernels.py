@@ -1,0 +1,80 @@
+"""Our CPU kernels (omnitalk/csrc/gemv.cpp): a few activation rows times a weight matrix, streaming
+each weight row once, for fp32, bf16 and int8 weights.
+
+They are compiled on first use with PyTorch's C++ extension builder (g++ and ninja) into PyTorch's
+extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later processes load the
+built library in milliseconds. Where they cannot be built (no compiler, no AVX2) or are turned off with
+`OMNITALK_KERNELS=0`, `gemv` returns None and callers use PyTorch's own operators: same results up to
+float rounding, only slower.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 16  # above this many activation rows a real GEMM (MKL / oneDNN) is the better kernel
+_SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _build() -> bool:
+    if os.environ.get("OMNITALK_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
+        _state["why"] = "turned off by OMNITALK_KERNELS=0"
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+        load(name="omnitalk_gemv", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False,
+             verbose=False)
+        isa = torch.ops.omnitalk.isa()
+        if isa == "none":
+            _state["why"] = "this CPU has no AVX2/FMA"
+            return False
+        _state["isa"] = isa
+        return True
+    except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, say why once
+        _state["why"] = f"could not be built ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+        log.warning("omnitalk CPU kernels %s; using PyTorch's operators (slower decode steps)", _state["why"])
+        return False
+
+
+def available() -> bool:
+    """Build / load the kernels once per process; True when torch.ops.omnitalk.gemv can be used."""
+    ok = _state.get("ok")
+    if ok is None:
+        with _lock:
+            if "ok" not in _state:
+                _state["ok"] = _build()
+            ok = _state["ok"]
+    return ok
+
+
+def info() -> str:
+    """One line for `omnitalk info` / the bench header."""
+    if not available():
+        return f"omnitalk kernels: off ({_state.get('why', '?')})"
+    return f"omnitalk kernels: gemv ({_state['isa']})"
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., K) float, w (N, K) fp32 / bf16 / int8 -> (..., N) fp32 = x @ (w * scale[:, None]).T,
+    or None where the kernel does not apply (not on the CPU, too many rows, gradients wanted, not built)."""
+    if x.device.type != "cpu" or w.device.type != "cpu" or not w.is_contiguous() or w.dim() != 2:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):  # inference-only kernel
+        return None
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_ROWS or w.dtype not in (torch.float32, torch.bfloat16, torch.int8) or not available():
+        return None
+    x2 = x.reshape(rows, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    y = torch.ops.omnitalk.gemv(x2, w, scale)
+    return y.reshape(*x.shape[:-1], w.shape[0])

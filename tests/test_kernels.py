@@ -1,0 +1,102 @@
+"""omnitalk's CPU gemv kernel (omnitalk/csrc/gemv.cpp): values against float64 products for every weight
+dtype, row count and ISA body, the cases where it must step aside, and its argument checks."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from omnitalk import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built: " + kernels.info())
+
+
+def _weights(dtype, n, k, gen):
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    return torch.randn(n, k, generator=gen).to(dtype)
+
+
+def _reference(x, w, scale=None):
+    y = x.double() @ w.double().T
+    return y if scale is None else y * scale.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
+def test_gemv_matches_float64(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    # K not a multiple of 16 or 8 (the scalar tail), N not a multiple of the row block
+    for n, k in [(1163, 896), (37, 203), (5, 8)]:
+        x, w = torch.randn(rows, k, generator=gen), _weights(dtype, n, k, gen)
+        scale = torch.rand(n, generator=gen) + 0.5
+        for s in (None, scale, scale.bfloat16()):
+            y = kernels.gemv(x, w, s)
+            assert y.dtype == torch.float32 and y.shape == (rows, n)
+            ref = _reference(x, w, None if s is None else s.float())
+            err = (y.double() - ref).abs().max() / ref.abs().max()
+            assert err < 2e-6, (dtype, rows, n, k, err.item())
+
+
+def test_gemv_shapes_slices_and_other_input_dtypes():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(300, 64, generator=gen)
+    h = torch.randn(2, 1, 64, generator=gen).bfloat16()      # (B, T, C) bf16 activations
+    y = kernels.gemv(h, table[100:250])                        # a row slice of the tied head
+    assert y.shape == (2, 1, 150)
+    torch.testing.assert_close(y, (h.float() @ table[100:250].T), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_steps_aside():
+    w = torch.randn(16, 32)
+    assert kernels.gemv(torch.randn(kernels.MAX_ROWS + 1, 32), w) is None      # a GEMM's job
+    assert kernels.gemv(torch.randn(2, 32, requires_grad=True), w) is None      # training: autograd
+    assert kernels.gemv(torch.randn(2, 32), w.T) is None                        # not contiguous
+    assert kernels.gemv(torch.randn(2, 32), w.half()) is None                   # no fp16 body
+    with torch.no_grad():
+        assert kernels.gemv(torch.randn(2, 32, requires_grad=True), w) is not None
+
+
+def test_gemv_argument_errors_name_the_problem():
+    x = torch.randn(2, 32)
+    with pytest.raises(RuntimeError, match="w must be a contiguous .N, K. tensor with K = x.size.1."):
+        torch.ops.omnitalk.gemv(x, torch.randn(16, 31))
+    with pytest.raises(RuntimeError, match="x must be a contiguous fp32"):
+        torch.ops.omnitalk.gemv(x.double(), torch.randn(16, 32))
+    with pytest.raises(RuntimeError, match="weights must be fp32, bf16 or int8"):
+        torch.ops.omnitalk.gemv(x, torch.randn(16, 32).half())
+    with pytest.raises(RuntimeError, match="scale must be a contiguous fp32 or bf16 .N,. tensor"):
+        torch.ops.omnitalk.gemv(x, torch.randn(16, 32), torch.ones(15))
+
+
+_CHILD = """
+import torch
+from omnitalk import kernels
+print(kernels.info())
+gen = torch.Generator().manual_seed(1)
+for dtype in (torch.float32, torch.bfloat16, torch.int8):
+    for rows in (1, 2, 3, 5, 8):
+        x = torch.randn(rows, 203, generator=gen)
+        w = (torch.randint(-127, 128, (77, 203), generator=gen, dtype=torch.int8) if dtype == torch.int8
+             else torch.randn(77, 203, generator=gen).to(dtype))
+        s = torch.rand(77, generator=gen)
+        y = kernels.gemv(x, w, s)
+        ref = (x.double() @ w.double().T) * s.double()
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6, (dtype, rows)
+print("ok")
+"""
+
+
+def test_avx2_bodies_and_the_off_switch():
+    """The AVX2 bodies (what an AVX2-only CPU runs) give the same values; OMNITALK_KERNELS=0 turns the
+    kernels off and says so."""
+    env = dict(os.environ, OMNITALK_KERNELS_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["omnitalk", "kernels:", "gemv", "(avx2)", "ok"]
+    env = dict(os.environ, OMNITALK_KERNELS="0")
+    code = "from omnitalk import kernels; import torch; print(kernels.info()); " \
+           "print(kernels.gemv(torch.randn(2, 8), torch.randn(4, 8)))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.splitlines() == ["omnitalk kernels: off (turned off by OMNITALK_KERNELS=0)", "None"]
