@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def _build() -> bool:
         return False
     try:
         from torch.utils.cpp_extension import load
+        if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its venv is not on PATH
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         load(name="omnitalk_gemv", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False,
              verbose=False)
@@ -41,7 +45,9 @@ def _build() -> bool:
         return True
     except Exception as e:  # no compiler, no ninja, a read-only cache: fall back, say why once
         _state["why"] = f"could not be built ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
-        log.warning("omnitalk CPU kernels %s; using PyTorch's operators (slower decode steps)", _state["why"])
+        log.warning("omnitalk's CPU kernels %s: decode steps use PyTorch's operators (2-3x slower). Install "
+                    "a C++ compiler (Debian: apt-get install g++) to build them, or set OMNITALK_KERNELS=0 "
+                    "to skip them", _state["why"])
         return False
 
 
