@@ -252,6 +252,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny", help="random-weight preset (tiny or mini-omni2)")
     ap.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of random weights")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--mode", choices=("fp32", "bf16", "int8"), default="fp32", help="weight precision")
+    ap.add_argument("--whisper-window", choices=("exact", "trimmed"), default=None,
+                    help="Whisper over the padded 30-s window or only the audio's frames (default: the encoder's)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--real-asr", action="store_true", help="the stop command is recognised by the model's ASR")
     ap.add_argument("--command-wav", default=None, help="recording of the spoken command (with --real-asr)")
@@ -264,9 +267,12 @@ def main(argv=None) -> int:
     from omnitalk.session import Scheduler
 
     t = time.perf_counter()
-    model = (OmniModel.from_pretrained(args.checkpoint, device=args.device) if args.checkpoint
-             else OmniModel.from_random(args.preset, device=args.device))
-    print(f"model: {args.checkpoint or 'random ' + args.preset} ({time.perf_counter() - t:.1f} s to load)", flush=True)
+    model = (OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode) if args.checkpoint
+             else OmniModel.from_random(args.preset, device=args.device, mode=args.mode))
+    if args.whisper_window:
+        model.whisper_window = args.whisper_window
+    print(f"model: {args.checkpoint or 'random ' + args.preset}, {args.mode}, Whisper window "
+          f"{model.whisper_window} ({time.perf_counter() - t:.1f} s to load)", flush=True)
     sched = Scheduler(model, max_sessions=4).start()
 
     from omnitalk.server.app import command_asr
@@ -276,6 +282,7 @@ def main(argv=None) -> int:
     question = load_audio(ROOT / "examples" / "question.wav")
     app = create_app(sched, transcriber=transcriber, warmup=True)
     results = {"model": args.checkpoint or f"random-{args.preset}", "device": str(model.device),
+               "mode": args.mode, "whisper_window": model.whisper_window,
                "trials": args.trials}
     with BackgroundServer(app) as srv:
         url = srv.ws_url + "?api=ga"

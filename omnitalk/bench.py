@@ -227,6 +227,7 @@ class BenchConfig:
     question_seconds: float = 3.0
     audio: str | None = None
     image: str | None = None
+    whisper_window: str | None = None
     threads: int = 1
     device: str = "cpu"
     seed: int = 0
@@ -488,8 +489,12 @@ def build_model(cfg: BenchConfig, mode: str):
         from omnitalk.engine import OmniModel
         t0 = time.perf_counter()
         model = OmniModel.from_pretrained(cfg.checkpoint, device=cfg.device, mode=mode, download=False)
-        return model, {"load_s": time.perf_counter() - t0}
-    return build_random(cfg.preset, mode, cfg.seed, cfg.device)
+        times = {"load_s": time.perf_counter() - t0}
+    else:
+        model, times = build_random(cfg.preset, mode, cfg.seed, cfg.device)
+    if cfg.whisper_window:
+        model.whisper_window = cfg.whisper_window
+    return model, times
 
 
 def _log(name: str, msg: str) -> None:
@@ -1106,7 +1111,8 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
 
 def render(report: Report) -> str:
     m, bw, cfg = report.machine, report.bandwidth, report.config
-    weights = cfg.checkpoint or f"random {cfg.preset}"
+    weights = (cfg.checkpoint or f"random {cfg.preset}") + \
+        (f", Whisper window {cfg.whisper_window}" if cfg.whisper_window else "")
     lines = [
         f"omnitalk bench - {m.date} - commit {(m.git_commit or 'unknown')[:10]}{' (dirty)' if m.git_dirty else ''}",
         f"machine: {m.cpu_model}, {m.physical_cores} physical cores / {m.logical_cpus} logical, "

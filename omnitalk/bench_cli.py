@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of the spoken answer for the real-time factor (default: 20)")
     m.add_argument("--question-seconds", type=float, default=3.0, metavar="S",
                    help="length of the synthetic spoken question (default: 3; ignored with --audio)")
+    m.add_argument("--whisper-window", choices=("exact", "trimmed"), default=None,
+                   help="run Whisper over the padded 30-s window (exact, the release) or only the frames the "
+                        "question covers (trimmed) in every mode (default: the encoder's own)")
     m.add_argument("--audio", metavar="WAV", help="use this spoken question instead of a synthetic one")
     m.add_argument("--image", metavar="IMG", help="use this image instead of a synthetic one")
     m.add_argument("--threads", type=_positive, default=None, metavar="N",

@@ -59,14 +59,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="never fetch missing files; fail with the list of what is missing")
     p.add_argument("--mode", choices=("fp32", "bf16", "int8"), default="fp32",
                    help="fp32: the release's exact outputs (default); bf16 / int8: faster, smaller")
+    add_whisper_window_arg(p)
+
+
+def add_whisper_window_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--whisper-window", choices=("exact", "trimmed"), default=None,
+                   help="exact: Whisper over the padded 30-s window, as the release (parity); trimmed: only the "
+                        "frames the audio covers, several times faster for short questions, features differ "
+                        "slightly (docs/performance.md). Default: what the encoder was trained with")
 
 
 def _load_model(args):
     from omnitalk.engine import OmniModel, resolve_device
 
     resolve_device(args.device)  # fail fast on a bad --device, before any loading
-    return OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode,
-                                     download=not args.no_download)
+    model = OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode,
+                                      download=not args.no_download)
+    if getattr(args, "whisper_window", None):
+        model.whisper_window = args.whisper_window
+    return model
 
 
 def _require_file(path: str | None, what: str) -> None:

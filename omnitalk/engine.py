@@ -23,7 +23,7 @@ from omnitalk import vision
 from omnitalk.codec import Codec, StreamDecoder, frames_from_layers, pcm_reference, to_pcm16
 from omnitalk.config import Config
 from omnitalk.errors import CheckpointError, InputError
-from omnitalk.generate import Sampling, Step, decode
+from omnitalk.generate import Sampling, Step, decode, shared_prefix
 from omnitalk.model.clip import VisionTransformer, infer_vision_dims, load_clip_vision
 from omnitalk.model.llm import OmniLM
 from omnitalk.model.whisper import AudioEncoder, features as whisper_features, load_whisper_encoder
@@ -314,7 +314,9 @@ class OmniModel:
         self.lm.clear_cache()
         ids = torch.as_tensor(np.stack([p.ids for p in req.prompts]), device=self.device)
         feats = [(p, f.expand(len(req.prompts), -1, -1)) for p, f in req.features]
-        h = self.lm.forward_hidden(self.lm.embed(ids, feats), 0)[:, -1]
+        self.lm.setup_cache(len(req.prompts), ids.size(-1))
+        h = self.lm.prefill(self.lm.embed(ids, feats), 0, shared_prefix(ids))
+        self.lm.clear_cache()
         return self.lm.text_logits(h).float(), self.lm.audio_logits(h).float()
 
     # ---- streaming ----------------------------------------------------------------------

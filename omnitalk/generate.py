@@ -134,6 +134,12 @@ class StepRules:
         return step
 
 
+def shared_prefix(ids: torch.Tensor) -> int:
+    """ids (B, 8, T) -> how many leading columns are the same in every row (T when B == 1)."""
+    same = (ids == ids[:1]).all(dim=(0, 1))  # (T,)
+    return int(same.long().cumprod(0).sum())
+
+
 @torch.inference_mode()
 def decode(lm: OmniLM, layout: TokenLayout, prompts: list[Prompt], features: list[tuple[int, torch.Tensor]],
            mode: str, max_tokens: int, sampling: Sampling = Sampling(), start_pos: int = 0,
@@ -159,7 +165,7 @@ def decode(lm: OmniLM, layout: TokenLayout, prompts: list[Prompt], features: lis
 
     ids = torch.as_tensor(np.stack([p.ids for p in prompts]), device=device)  # (B, 8, T)
     feats = [(p, f.to(device).expand(rules.B, -1, -1)) for p, f in features]
-    h = lm.forward_hidden(lm.embed(ids, feats), start_pos)[:, -1]  # (B, C)
+    h = lm.prefill(lm.embed(ids, feats), start_pos, shared_prefix(ids))  # (B, C)
     pos = start_pos + T
     while (step := rules.take(h)) is not None:
         yield step

@@ -69,6 +69,21 @@ def info() -> str:
     return f"omnitalk kernels: gemv ({_state['isa']})"
 
 
+_scratch = threading.local()
+
+
+def dequant_bf16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """int8 (N, K) * scale (N,) -> bf16 (N, K) in one pass (the weights of a prefill GEMM), or None.
+
+    The result lives in a per-thread scratch buffer that the next call overwrites: use it at once."""
+    if q.device.type != "cpu" or q.dtype != torch.int8 or not q.is_contiguous() or not available():
+        return None
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < q.numel():
+        buf = _scratch.buf = torch.empty(q.numel(), dtype=torch.bfloat16)
+    return torch.ops.omnitalk.dequant_bf16(q, scale, buf)
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) float, w (N, K) fp32 / bf16 / int8 -> (..., N) fp32 = x @ (w * scale[:, None]).T,
     or None where the kernel does not apply (not on the CPU, too many rows, gradients wanted, not built)."""

@@ -36,7 +36,7 @@ import torch
 from omnitalk.codec import SAMPLES_PER_FRAME, SNAC_SAMPLE_RATE
 from omnitalk.engine import ChunkAssembler, OmniModel, Request, StreamChunk
 from omnitalk.errors import InputError, OmnitalkError
-from omnitalk.generate import Sampling, Step, StepRules
+from omnitalk.generate import Sampling, Step, StepRules, shared_prefix
 
 FRAME_MS = SAMPLES_PER_FRAME / SNAC_SAMPLE_RATE * 1000  # 85.33 ms of speech per SNAC frame
 _END = object()
@@ -426,22 +426,31 @@ class Scheduler:
         budget = min(max_tokens, self.max_len - max(r.columns for r in rows) - T - 1)
         rules = StepRules(lm, L, req.mode, max(budget, 1), sampling)
         feats = req.features
-        hs = []
+        pending = []
         for i, row in enumerate(rows):
             row.segments.append(Segment(torch.as_tensor(req.prompts[i].ids), feats, turn))
-            ids, fs = row.pending()
-            pos = row.cached
-            x = lm.embed(ids[None].to(rules.inputs.device), [(p, f[None]) for p, f in fs])
-            h = lm.forward_hidden(x, pos, self.caches, torch.tensor([row.index]))[:, -1]
+            pending.append(row.pending())
+        dev = rules.inputs.device
+        if _same_start(rows, pending):  # one pass for both rows, their common prefix computed once
+            ids = torch.stack([p[0] for p in pending]).to(dev)                                  # (2, 8, T)
+            x = lm.embed(ids, [(p, f[None].expand(2, -1, -1)) for p, f in pending[0][1]])
+            h = lm.prefill(x, rows[0].cached, shared_prefix(ids), self.caches,
+                           torch.tensor([r.index for r in rows]))
+        else:
+            hs = []
+            for row, (ids, fs) in zip(rows, pending):
+                x = lm.embed(ids[None].to(dev), [(p, f[None]) for p, f in fs])
+                hs.append(lm.forward_hidden(x, row.cached, self.caches, torch.tensor([row.index]))[:, -1])
+            h = torch.cat(hs, 0)
+        for row in rows:
             row.cached = row.columns
-            hs.append(h)
         # rows this request does not use get the text-only view of the prompt, encoded later
         for row in conv.rows:
             if row not in rows:
                 ids = torch.as_tensor(req.prompts[-1].ids).clone()
                 ids[:, -1] = _text_view(L, ids[:, -1])
                 row.segments.append(Segment(ids, feats, turn))
-        a = _Active(conv, resp, rules, rows, [[] for _ in rows], torch.cat(hs, 0))
+        a = _Active(conv, resp, rules, rows, [[] for _ in rows], h)
         conv.history.append(Turn("assistant", response_id=resp.id))
         self._active.append(a)
 
@@ -497,6 +506,16 @@ class Scheduler:
         if t is not None:
             t.text, t.audio_ms, t.steps = a.resp.text, a.resp.audio_ms, a.resp.steps
         a.resp._finish(status, error)
+
+
+def _same_start(rows: list[_Row], pending: list) -> bool:
+    """Two rows whose uncached columns start at the same position, are as long and carry the same
+    features (a pair's first turn, or turns after the same history): they can be prefilled together."""
+    if len(rows) != 2 or rows[0].cached != rows[1].cached:
+        return False
+    (ids0, f0), (ids1, f1) = pending
+    return ids0.shape == ids1.shape and len(f0) == len(f1) and all(
+        p == q and a.shape == b.shape and (a is b or torch.equal(a, b)) for (p, a), (q, b) in zip(f0, f1))
 
 
 def _closing(L, speaking: bool) -> torch.Tensor:

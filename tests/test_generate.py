@@ -32,6 +32,9 @@ class ScriptedLM:
         self.k += 1
         return out
 
+    def prefill(self, ids, pos, shared=0):
+        return self.forward_hidden(ids, pos)[:, -1]
+
     def text_logits(self, h):
         k = int(h[0, 0])
         logits = torch.zeros(h.size(0), CFG.text_vocab_size)

@@ -5,9 +5,10 @@
 // all M rows, widen it to fp32 in registers (int8 -> fp32, bf16 -> fp32, or fp32 as is) and accumulate
 // with fp32 FMAs: weight-only quantisation, activations stay fp32. Work is split over output rows with
 // ATen's thread pool (at::parallel_for), so every thread streams one contiguous block of the weight.
+// dequant_bf16 widens int8 weights to bf16 for the prefill's GEMM.
 //
 // AVX-512 and AVX2 bodies are compiled with target attributes and chosen at run time, so the built
-// library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / omnitalk.isa.
+// library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / dequant_bf16 / isa.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -209,13 +210,62 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   return y;
 }
 
+// int8 (N, K) * scale (N) -> bf16 (N, K) in one pass (round to nearest even): the weights of a prefill GEMM.
+T512 void dequant_rows512(const int8_t* q, const float* s, uint16_t* out, int64_t K, int64_t n0, int64_t n1) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m512 sv = _mm512_set1_ps(s[n]);
+    const int8_t* src = q + n * K;
+    uint16_t* dst = out + n * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m512i b = _mm512_castps_si512(_mm512_mul_ps(load16(src + k), sv));
+      b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(b, 16), one))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(b));
+    }
+    for (; k < K; ++k) dst[k] = at::BFloat16(static_cast<float>(src[k]) * s[n]).x;
+  }
+}
+
+void dequant_rows(const int8_t* q, const float* s, uint16_t* out, int64_t K, int64_t n0, int64_t n1) {
+  if (has_avx512()) return dequant_rows512(q, s, out, K, n0, n1);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < K; ++k) out[n * K + k] = at::BFloat16(static_cast<float>(q[n * K + k]) * s[n]).x;
+}
+
+at::Tensor dequant_bf16(const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& into) {
+  TORCH_CHECK(q.device().is_cpu() && q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
+              "omnitalk.dequant_bf16: q must be a contiguous int8 (N, K) CPU tensor");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(0),
+              "omnitalk.dequant_bf16: scale must be an (N,) tensor");
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  at::Tensor out;
+  if (into.has_value()) {  // a reused buffer: fresh pages for every matrix cost as much as the widening
+    TORCH_CHECK(into->scalar_type() == at::kBFloat16 && into->is_contiguous() && into->numel() >= q.numel(),
+                "omnitalk.dequant_bf16: into must be a contiguous bf16 tensor of at least N * K elements");
+    out = into->view(-1).narrow(0, 0, q.numel()).view(q.sizes());
+  } else {
+    out = at::empty(q.sizes(), q.options().dtype(at::kBFloat16));
+  }
+  const int64_t N = q.size(0), K = q.size(1);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { dequant_rows(qp, sp, op, K, n0, n1); });
+  return out;
+}
+
 std::string isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "none"; }
 
 }  // namespace
 
 TORCH_LIBRARY(omnitalk, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale=None) -> Tensor");
+  m.def("dequant_bf16(Tensor q, Tensor scale, Tensor(a!)? into=None) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
-TORCH_LIBRARY_IMPL(omnitalk, CPU, m) { m.impl("gemv", gemv); }
+TORCH_LIBRARY_IMPL(omnitalk, CPU, m) {
+  m.impl("gemv", gemv);
+  m.impl("dequant_bf16", dequant_bf16);
+}

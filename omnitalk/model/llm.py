@@ -87,11 +87,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, ng, T, hs) written at [pos, pos+T); returns the filled prefix (B, ng, pos+T, hs)
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        # k, v: (b, ng, T, hs) written at [pos, pos+T) of rows 0..b-1 (b <= the cache's batch; b = 1 for a
+        # shared prefix); returns their filled prefix (b, ng, pos+T, hs)
+        b, end = k.size(0), pos + k.size(2)
+        self.k[:b, :, pos:end] = k
+        self.v[:b, :, pos:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+    def copy_rows(self, src: int, dst, start: int, end: int) -> None:
+        """Positions [start, end) of row `src` into rows `dst` (a shared prompt prefix, computed once)."""
+        self.k[dst, :, start:end] = self.k[src, :, start:end]
+        self.v[dst, :, start:end] = self.v[src, :, start:end]
 
 
 class SlotCache(nn.Module):
@@ -120,6 +126,8 @@ class SlotCache(nn.Module):
         S = int(pos.max()) + 1
         mask = (torch.arange(S, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
         return self.k[rows, :, :S], self.v[rows, :, :S], mask
+
+    copy_rows = KVCache.copy_rows
 
 
 class CausalSelfAttention(nn.Module):
@@ -247,6 +255,25 @@ class OmniLM(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, pos, None if caches is None else caches[i], rows)
         return self.transformer.ln_f(x)
+
+    def prefill(self, x: torch.Tensor, pos: int, shared: int = 0, caches: list | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt columns x (B, T, C) at positions pos.. -> final hidden states of the last column (B, C).
+
+        The first `shared` columns are the same in every row (the batch-parallel pair's prompts differ only
+        in their last column): they run once, for row 0, and their keys/values are copied to the other
+        rows, so a pair's prefill costs one row's, not two. Then the remaining columns run for every row.
+        """
+        B, T = x.shape[:2]
+        shared = min(shared, T - 1)
+        if B == 1 or shared < 1:
+            return self.forward_hidden(x, pos, caches, rows)[:, -1]
+        self.forward_hidden(x[:1, :shared], pos, caches, None if rows is None else rows[:1])
+        for i, block in enumerate(self.transformer.h):
+            cache = block.attn.kv_cache if caches is None else caches[i]
+            src, dst = (0, slice(1, B)) if rows is None else (int(rows[0]), rows[1:])
+            cache.copy_rows(src, dst, pos, pos + shared)
+        return self.forward_hidden(x[:, shared:], pos + shared, caches, rows)[:, -1]
 
     def slot_caches(self, rows: int, max_len: int) -> list[SlotCache]:
         """A pool of `rows` cache rows of `max_len` positions per layer (continuous batching)."""

@@ -16,6 +16,8 @@ log = logging.getLogger("omnitalk.server")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from omnitalk.cli import add_whisper_window_arg
+
     p = subparsers.add_parser(
         "serve", help="serve the OpenAI-Realtime-compatible API, the official /chat endpoint and a web page",
         description="Loads the model once and serves ws://HOST:PORT/v1/realtime (OpenAI Realtime API), "
@@ -28,6 +30,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     p.add_argument("--mode", choices=("fp32", "bf16", "int8"), default="fp32", help="weight precision")
     p.add_argument("--no-download", action="store_true", help="never fetch missing checkpoint files")
+    add_whisper_window_arg(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; browsers grant the microphone only on "
                         "localhost or https)")
@@ -68,6 +71,8 @@ def run(args) -> int:
         model = OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode,
                                           download=not args.no_download)
         name = None
+    if args.whisper_window:
+        model.whisper_window = args.whisper_window
     limits = Limits()
     app = create_app(model, api_key=args.api_key, limits=limits, max_sessions=args.max_sessions,
                      stop_phrases=tuple(args.stop_phrases or DEFAULT_STOP_PHRASES), server_vad=not args.no_vad,

@@ -142,3 +142,42 @@ def test_small_row_linear_matches_f_linear():
     lin(x).sum().backward()
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(2, -1))
     assert set(lin.state_dict()) == {"weight", "bias"}
+
+
+@torch.no_grad()
+def test_prefill_computes_a_shared_prefix_once():
+    """OmniLM.prefill: a pair whose prompts differ only in the last column runs the common prefix for row
+    0 alone and copies its keys/values; hidden states and caches equal a full batch-2 forward pass,
+    for the module's own KVCache and for rows of a SlotCache pool."""
+    from omnitalk.generate import shared_prefix
+
+    lm = small()
+    ids = random_ids(lm.cfg, 1, 9).repeat(2, 1, 1)
+    ids[1, :, -1] = random_ids(lm.cfg, 1, 1, seed=5)[0, :, 0]   # the rows differ in the last column only
+    assert shared_prefix(ids) == 8
+    assert shared_prefix(ids[:1]) == 9
+    x = lm.embed(ids)
+    full = lm.forward_hidden(x, 0)[:, -1]
+    calls = []
+    for blk in lm.transformer.h[:1]:
+        blk.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape[:2])))
+    lm.setup_cache(2, 12)
+    h = lm.prefill(x, 0, shared_prefix(ids))
+    assert calls == [(1, 8), (2, 1)]                          # the prefix once, then both last columns
+    torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-5)
+    k_shared = lm.transformer.h[0].attn.kv_cache.k[:, :, :9].clone()
+    lm.setup_cache(2, 12)
+    lm.forward_hidden(x, 0)
+    torch.testing.assert_close(k_shared, lm.transformer.h[0].attn.kv_cache.k[:, :, :9], rtol=1e-5, atol=1e-5)
+    lm.clear_cache()
+    pool = lm.slot_caches(6, 12)
+    rows = torch.tensor([4, 1])
+    h2 = lm.prefill(x, 0, 8, pool, rows)
+    torch.testing.assert_close(h2, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pool[0].k[4, :, :8], pool[0].k[1, :, :8])
+    assert not pool[0].k[[0, 2, 3, 5]].any()                    # other rows untouched
+    different = random_ids(lm.cfg, 2, 9)
+    assert shared_prefix(different) == 0
+    expected = lm.forward_hidden(lm.embed(different), 0)[:, -1]
+    lm.setup_cache(2, 12)
+    torch.testing.assert_close(lm.prefill(lm.embed(different), 0, 0), expected)
