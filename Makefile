@@ -7,8 +7,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CKPT    ?= checkpoint
 
-# Debian packages the tests use: espeak-ng (synthetic speech), chromium + driver (the web page's test)
-SYSDEPS := espeak-ng chromium chromium-driver
+# Debian packages the tests use: espeak-ng (synthetic speech), chromium + driver (the web page's test),
+# g++ (builds omnitalk's CPU kernels; usually already there)
+SYSDEPS := espeak-ng chromium chromium-driver g++
 
 .PHONY: install sysdeps test test-fast demo parity bench train-small clean
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 sysdeps:
-	@missing=""; for c in espeak-ng chromium chromedriver; do command -v $$c >/dev/null || missing=yes; done; \
+	@missing=""; for c in espeak-ng chromium chromedriver g++; do command -v $$c >/dev/null || missing=yes; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS) >/dev/null; \

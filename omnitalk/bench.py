@@ -473,13 +473,14 @@ def silence_audio_specials(model) -> None:
 
 def build_random(preset: str, mode: str, seed: int, device: str):
     """Random weights of `preset`'s shapes in `mode`; returns (model, {phase: seconds})."""
-    from omnitalk.engine import OmniModel
+    from omnitalk.engine import OmniModel, encoder_dtype
     from omnitalk.quant import quantize_lm
     t0 = time.perf_counter()
     model = OmniModel.from_random(preset, seed=seed, device=device, mode="fp32")
     t1 = time.perf_counter()
     silence_audio_specials(model)
     model.lm = quantize_lm(model.lm, mode)
+    model.set_encoder_dtype(encoder_dtype(mode, model.device))
     t2 = time.perf_counter()
     return model, {"build_random_fp32_s": t1 - t0, "quantize_s": t2 - t1}
 

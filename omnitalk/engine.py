@@ -78,6 +78,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are fast here: CUDA, or a CPU with AVX512-BF16 / AMX (Linux flags)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def encoder_dtype(mode: str, device: torch.device) -> torch.dtype:
+    """The Whisper / CLIP weights' dtype for a mode: fp32 for the parity mode and wherever bf16 is
+    emulated; bf16 in the bf16 / int8 modes where the hardware multiplies bf16 natively (half the memory,
+    AMX speed; the features then differ at bf16 rounding level: docs/performance.md)."""
+    return torch.bfloat16 if mode in ("bf16", "int8") and native_bf16(device) else torch.float32
+
+
 class OmniModel:
     def __init__(self, cfg: Config, lm: OmniLM, whisper: AudioEncoder, clip: VisionTransformer | None,
                  codec: Codec | None, tokenizer: TextTokenizer, device: torch.device):
@@ -136,7 +157,7 @@ class OmniModel:
         codec = Codec.from_pretrained(snac_dir if snac_dir.is_dir() else ckpt_io.SNAC_REPO_ID, dev)
         model = cls(cfg, lm, whisper, clip, codec, tokenizer, dev)
         model.path = path.resolve()
-        return model
+        return model.set_encoder_dtype(encoder_dtype(mode, dev))
 
     @classmethod
     def from_random(cls, preset: str | Config = "mini-omni2", seed: int = 0, device=None,
@@ -176,8 +197,17 @@ class OmniModel:
         lm.tied_head_equal = True
         from omnitalk.quant import quantize_lm
         lm = quantize_lm(lm.eval().requires_grad_(False), mode)
-        return cls(cfg, lm, whisper.eval(), clip.eval(),
-                   Codec(snac.eval(), dev), tokenizer or TextTokenizer.byte_level(), dev)
+        model = cls(cfg, lm, whisper.eval(), clip.eval(),
+                    Codec(snac.eval(), dev), tokenizer or TextTokenizer.byte_level(), dev)
+        return model.set_encoder_dtype(encoder_dtype(mode, dev))
+
+    def set_encoder_dtype(self, dtype: torch.dtype) -> "OmniModel":
+        """Cast Whisper and CLIP (their norms still compute in fp32; features reach the adapters in the
+        LLM's dtype)."""
+        self.whisper = self.whisper.to(dtype)
+        if self.clip is not None:
+            self.clip = self.clip.to(dtype)
+        return self
 
     # ---- encoders -----------------------------------------------------------------------
     @torch.inference_mode()

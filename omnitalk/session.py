@@ -82,6 +82,7 @@ class Response:
         self._cancel = threading.Event()
         self._asm = ChunkAssembler(conv.model, req.speaks, stream_mode, stride)
         self.error: Exception | None = None
+        self._wake = None  # set while an async consumer waits: wakes its event loop (thread-safe)
 
     # -- consumer side --------------------------------------------------------------------
     def cancel(self) -> None:
@@ -102,8 +103,29 @@ class Response:
             yield from self._asm.push(item)
 
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        # Waiting costs no thread: the scheduler thread wakes this loop when it queues a step.
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+        self._wake = wake
+        try:
+            async for c in self._achunks(ready):
+                yield c
+        finally:
+            self._wake = None
+
+    async def _achunks(self, ready: asyncio.Event) -> AsyncIterator[StreamChunk]:
         while True:
-            item = await asyncio.to_thread(self._q.get)
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                ready.clear()  # a wake queued before this point runs after it (on this loop), never lost
+                await ready.wait()
+                continue
             if item is _END:
                 for c in await asyncio.to_thread(self._asm.finish):
                     yield c
@@ -130,17 +152,23 @@ class Response:
         return max(len(self.steps) - 7, 0) * FRAME_MS if self.req.speaks else 0.0
 
     # -- producer side (scheduler thread) -------------------------------------------------
+    def _put(self, item) -> None:
+        self._q.put(item)
+        wake = self._wake
+        if wake is not None:
+            wake()
+
     def _push(self, step: Step) -> None:
         self.steps.append(step)
         self.usage["output_tokens"] = len(self.steps)
-        self._q.put(step)
+        self._put(step)
 
     def _finish(self, status: str, error: Exception | None = None) -> None:
         self.status = status
         if error is not None:
             self.error = error
-            self._q.put(error)
-        self._q.put(_END)
+            self._put(error)
+        self._put(_END)
 
 
 class _Row:

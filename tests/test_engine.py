@@ -192,3 +192,23 @@ def test_has_listening_head_follows_the_config(model):
         assert model.has_listening_head is True
     finally:
         del model.cfg.extra["interrupt_trained"]
+
+
+def test_encoder_dtype_follows_mode_and_hardware(model):
+    """fp32 keeps every encoder in fp32 (parity); bf16 / int8 cast Whisper and CLIP to bf16 only where
+    bf16 products are native, and their features stay close to fp32's."""
+    from omnitalk.engine import encoder_dtype, native_bf16
+
+    cpu = torch.device("cpu")
+    assert encoder_dtype("fp32", cpu) == torch.float32
+    want = torch.bfloat16 if native_bf16(cpu) else torch.float32
+    assert encoder_dtype("int8", cpu) == encoder_dtype("bf16", cpu) == want
+    assert encoder_dtype("int8", torch.device("mps")) == torch.float32
+    assert model.whisper.conv1.weight.dtype == torch.float32
+    int8 = OmniModel.from_pretrained(FIX / "checkpoint", device="cpu", mode="int8", download=False)
+    assert int8.whisper.conv1.weight.dtype == want and int8.clip.conv1.weight.dtype == want
+    a, b = model.audio_features(WAV), int8.audio_features(WAV)
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    assert (a - b).norm() / a.norm() < 0.05    # bf16 encoder + int8 adapter against fp32
+    c, d = model.image_features(IMG), int8.image_features(IMG)
+    assert (c - d).norm() / c.norm() < 0.05

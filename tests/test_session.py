@@ -149,3 +149,37 @@ def test_asr_slots_scale_with_sessions(model):
     assert Scheduler(model, max_sessions=4, asr_slots=1, max_len=64)._asr_free.qsize() == 1
     with pytest.raises(ValueError, match="asr_slots"):
         Scheduler(model, max_sessions=4, asr_slots=0)
+
+
+def test_async_consumers_wait_without_a_thread(model, wav, monkeypatch):
+    """`async for` over a Response gets the same chunks as blocking iteration, and waiting for the next
+    step holds no executor thread (only SNAC decoding runs off the loop): many sessions cannot exhaust
+    the server's thread pool by merely waiting."""
+    import asyncio
+
+    import omnitalk.session as session_mod
+
+    offloaded = []
+    real_to_thread = asyncio.to_thread
+
+    async def recording_to_thread(fn, *a, **kw):
+        offloaded.append(getattr(fn, "__name__", repr(fn)))
+        return await real_to_thread(fn, *a, **kw)
+
+    monkeypatch.setattr(session_mod.asyncio, "to_thread", recording_to_thread)
+    with Scheduler(model, max_sessions=4) as s:
+        blocking = list(s.open().respond(audio=wav, max_tokens=30))
+
+        async def consume():
+            convs = [s.open() for _ in range(3)]
+            resps = [c.respond(audio=wav, max_tokens=30) for c in convs]
+
+            async def collect(r):
+                return [c async for c in r]
+            return await asyncio.wait_for(asyncio.gather(*(collect(r) for r in resps)), 120)
+
+        results = asyncio.run(consume())
+    for chunks in results:
+        assert len(chunks) == len(blocking)
+        assert all(np.array_equal(a.audio, b.audio) and a.text == b.text for a, b in zip(chunks, blocking))
+    assert offloaded and set(offloaded) <= {"push", "finish"}   # the chunk assembler only, never a queue wait

@@ -123,8 +123,8 @@ def create_app(scheduler_or_model, api_key: str | None = None, limits: Limits | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        # Response.__aiter__ and our blocking session calls run in the loop's default executor; give
-        # it room for every session's stream plus their transcriptions, or streams would queue up.
+        # Blocking session calls (respond, truncate, close), SNAC decoding of streamed chunks and the
+        # transcriptions run in the loop's default executor; give it room for every session at once.
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=4 * scheduler.max_sessions + 16, thread_name_prefix="omnitalk-io")
         loop.set_default_executor(executor)
