@@ -241,3 +241,31 @@ def test_context_stream_with_noise_and_other_strides():
         total = sum(c.numel() for c in chunks) + (tail.numel() if tail is not None else 0)
         assert total == len(frames) * SAMPLES_PER_FRAME
         assert boundary_error(codec, frames, "context", stride=stride) < CONTEXT_BOUND
+
+
+def test_weight_norm_is_baked_and_outputs_are_unchanged():
+    """Codec stores the weights SNAC's weight-norm parametrisations compute, once: no parametrisation
+    is left and a decode (same noise seed) is bit for bit the parametrised model's."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from snac import SNAC
+    from torch.nn.utils import parametrize
+
+    from omnitalk.codec import Codec
+
+    cfg = json.loads((Path(__file__).parent / "fixtures/parity/checkpoint/snac/config.json").read_text())
+    torch.manual_seed(0)
+    raw = SNAC(**cfg).eval()
+    assert any(parametrize.is_parametrized(m) for m in raw.modules())
+    codes = [torch.randint(0, 4096, (1, 4 * n)) for n in (1, 2, 4)]
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        before = raw.decode(codes)
+    codec = Codec(raw)
+    assert not any(parametrize.is_parametrized(m) for m in codec.model.modules())
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        after = codec.model.decode(codes)
+    assert torch.equal(before, after)
