@@ -269,6 +269,9 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     model = (OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode) if args.checkpoint
              else OmniModel.from_random(args.preset, device=args.device, mode=args.mode))
+    if not args.checkpoint:  # random weights: never end an answer early or emit an undecodable frame
+        from omnitalk.bench import silence_audio_specials
+        silence_audio_specials(model)
     if args.whisper_window:
         model.whisper_window = args.whisper_window
     print(f"model: {args.checkpoint or 'random ' + args.preset}, {args.mode}, Whisper window "

@@ -245,6 +245,11 @@ class OmniLM(nn.Module):
         Without `caches` the module's own KVCache (setup_cache) is used, if any.
         """
         T = x.size(1)
+        if caches is not None and not isinstance(pos, int) and rows is not None:
+            # one sequence's rows (a pair) at one position: slices of the pool, no gather and no mask
+            p0, r0 = int(pos[0]), int(rows[0])
+            if bool((pos == p0).all()) and bool((rows == torch.arange(r0, r0 + len(rows))).all()):
+                pos, rows = p0, slice(r0, r0 + len(rows))
         last = (int(pos) if isinstance(pos, int) else int(pos.max())) + T
         if last > self.cfg.block_size:
             raise ValueError(f"position {last} exceeds the model's context of {self.cfg.block_size}")
