@@ -96,13 +96,14 @@ class Response:
         while True:
             item = self._q.get()
             if item is _END:
+                yield from self._asm.finish()
                 return
             if isinstance(item, Exception):
                 raise item
-            yield item
+            yield from self._asm.push(item)
 
     async def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        # Waiting costs no thread: the scheduler thread wakes this loop when it queues a chunk.
+        # Waiting costs no thread: the scheduler thread wakes this loop when it queues a step.
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
 
         def wake() -> None:
@@ -112,20 +113,27 @@ class Response:
                 pass
         self._wake = wake
         try:
-            while True:
-                try:
-                    item = self._q.get_nowait()
-                except queue.Empty:
-                    ready.clear()  # a wake queued before this point runs after it (on this loop): never lost
-                    await ready.wait()
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            async for c in self._achunks(ready):
+                yield c
         finally:
             self._wake = None
+
+    async def _achunks(self, ready: asyncio.Event) -> AsyncIterator[StreamChunk]:
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                ready.clear()  # a wake queued before this point runs after it (on this loop), never lost
+                await ready.wait()
+                continue
+            if item is _END:
+                for c in await asyncio.to_thread(self._asm.finish):
+                    yield c
+                return
+            if isinstance(item, Exception):
+                raise item
+            for c in await asyncio.to_thread(self._asm.push, item):  # SNAC decoding off the event loop
+                yield c
 
     def wait(self) -> "Response":
         for _ in self:
@@ -150,24 +158,13 @@ class Response:
         if wake is not None:
             wake()
 
-    # The scheduler thread also turns steps into chunks (SNAC decoding), between decode steps: on a small
-    # CPU, decoding audio in the consumers' threads at the same time as the next step oversubscribes the
-    # cores (each thread runs its own intra-op pool) and slowed both about twofold.
     def _push(self, step: Step) -> None:
         self.steps.append(step)
         self.usage["output_tokens"] = len(self.steps)
-        for chunk in self._asm.push(step):
-            self._put(chunk)
+        self._put(step)
 
     def _finish(self, status: str, error: Exception | None = None) -> None:
         self.status = status
-        if error is None:
-            try:
-                for chunk in self._asm.finish():
-                    self._put(chunk)
-            except Exception as e:  # a failed codec fails this answer alone
-                status, error = "failed", e
-                self.status = status
         if error is not None:
             self.error = error
             self._put(error)
@@ -497,11 +494,7 @@ class Scheduler:
             if step is None:
                 self._finish(a, "completed")
                 continue
-            try:
-                a.resp._push(step)
-            except Exception as e:  # the codec failed on this answer's frames: it fails alone
-                self._finish(a, "failed", e)
-                continue
+            a.resp._push(step)
             if a.rules.done:
                 self._finish(a, "incomplete")  # the token budget is spent
         if not self._active:

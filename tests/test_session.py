@@ -152,8 +152,8 @@ def test_asr_slots_scale_with_sessions(model):
 
 
 def test_async_consumers_wait_without_a_thread(model, wav, monkeypatch):
-    """`async for` over a Response gets the same chunks as blocking iteration, and it holds no executor
-    thread (the scheduler thread decodes the audio; waiting is an event): many sessions cannot exhaust
+    """`async for` over a Response gets the same chunks as blocking iteration, and waiting for the next
+    step holds no executor thread (only SNAC decoding runs off the loop): many sessions cannot exhaust
     the server's thread pool by merely waiting."""
     import asyncio
 
@@ -183,4 +183,4 @@ def test_async_consumers_wait_without_a_thread(model, wav, monkeypatch):
         assert np.array_equal(tokens(resp), tokens(ref)) and resp.status == ref.status
         assert [len(c.audio) for c in chunks] == [len(c.audio) for c in blocking]
         assert "".join(c.text for c in chunks) == "".join(c.text for c in blocking)
-    assert offloaded == []   # neither a queue wait nor SNAC decoding went to a thread
+    assert offloaded and set(offloaded) <= {"push", "finish"}   # the chunk assembler only, never a queue wait
