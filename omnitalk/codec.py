@@ -156,6 +156,9 @@ def bake_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                if name in module._buffers:  # without autograd torch leaves a buffer: keep it a parameter
+                    module.register_parameter(name, torch.nn.Parameter(module._buffers.pop(name),
+                                                                       requires_grad=False))
     return model
 
 

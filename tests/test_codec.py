@@ -263,8 +263,12 @@ def test_weight_norm_is_baked_and_outputs_are_unchanged():
     with torch.inference_mode():
         torch.manual_seed(1)
         before = raw.decode(codes)
+    n_params = sum(p.numel() for p in raw.parameters())
     codec = Codec(raw)
     assert not any(parametrize.is_parametrized(m) for m in codec.model.modules())
+    assert not dict(codec.model.named_buffers())                # the weights stay parameters:
+    assert sum(p.numel() for p in codec.model.parameters()) < n_params   # one weight each, not g and v
+    assert all(m.weight.shape for m in codec.model.modules() if isinstance(m, torch.nn.Conv1d))
     with torch.inference_mode():
         torch.manual_seed(1)
         after = codec.model.decode(codes)

@@ -19,7 +19,16 @@ def model():
 def test_shapes_are_official(model):
     assert sum(p.numel() for p in model.lm.parameters()) == 541_349_760
     assert model.whisper.dims.n_audio_state == 768 and model.clip.dims.width == 768
-    assert sum(p.numel() for p in model.codec.model.parameters()) == 19_842_914
+    # SNAC 24 kHz holds 19,842,914 parameters (each weight-normalised conv as g and v); the engine's
+    # codec stores each such weight once, baked (omnitalk.codec.bake_weight_norm)
+    import json
+
+    from snac import SNAC
+    official = SNAC(**json.loads((Path(__file__).parent / "fixtures/parity/manifests/snac_24khz/config.json")
+                                 .read_text()))
+    assert sum(p.numel() for p in official.parameters()) == 19_842_914
+    g = sum(p.numel() for n, p in official.named_parameters() if n.endswith("original0"))
+    assert sum(p.numel() for p in model.codec.model.parameters()) == 19_842_914 - g
 
 
 @pytest.mark.parametrize("inputs", [
