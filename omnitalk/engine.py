@@ -24,6 +24,7 @@ from omnitalk.codec import Codec, StreamDecoder, frames_from_layers, pcm_referen
 from omnitalk.config import Config
 from omnitalk.errors import CheckpointError, InputError
 from omnitalk.generate import Sampling, Step, decode, shared_prefix
+from omnitalk.kernels import native_bf16
 from omnitalk.model.clip import VisionTransformer, infer_vision_dims, load_clip_vision
 from omnitalk.model.llm import OmniLM
 from omnitalk.model.whisper import AudioEncoder, features as whisper_features, load_whisper_encoder
@@ -76,20 +77,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"device type {dev.type!r} is not supported; use 'cpu', 'cuda' or 'mps'")
     return dev
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products are fast here: CUDA, or a CPU with AVX512-BF16 / AMX (Linux flags)."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def encoder_dtype(mode: str, device: torch.device) -> torch.dtype:

@@ -69,6 +69,23 @@ def info() -> str:
     return f"omnitalk kernels: gemv ({_state['isa']})"
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix products are fast here: CUDA, or a CPU with AVX512-BF16 / AMX (Linux flags)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    if "cpu_bf16" not in _state:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:
+            flags = []
+        _state["cpu_bf16"] = "avx512_bf16" in flags or "amx_bf16" in flags
+    return _state["cpu_bf16"]
+
+
 _scratch = threading.local()
 
 

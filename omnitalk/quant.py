@@ -2,7 +2,8 @@
 
 int8 weights are read once per step by omnitalk's CPU kernel (`omnitalk.kernels.gemv`: int8 widened to
 fp32 in registers, fp32 activations and sums, one scale per output row) or, where it is not built, by
-`torch._weight_int8pack_mm` (bf16 activations), so a decode step moves ~1/4 of the fp32 bytes. Norms stay in fp32 (RMSNorm upcasts).
+`torch._weight_int8pack_mm` (bf16 activations), so a decode step moves ~1/4 of the fp32 bytes. Norms,
+activations and the KV cache are fp32.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ (q * scales).T -> (..., N) in x's dtype (bf16 on CPU)."""
+    """x (..., K) @ (q * scales).T -> (..., N) in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.size(0) > kernels.MAX_ROWS:  # prefill: a GEMM's job. Dequantise to bf16 (half the bytes of fp32)
-        # and let oneDNN multiply (AMX / AVX512-BF16 where the CPU has them): ~4x the fp32 GEMM on such CPUs
-        dt = torch.bfloat16 if x2.device.type == "cpu" else x2.dtype
+    if x2.size(0) > kernels.MAX_ROWS:  # prefill: a GEMM's job. Where bf16 is native (AMX / AVX512-BF16)
+        # dequantise to bf16 and let oneDNN multiply: ~4x the fp32 GEMM there; elsewhere fp32
+        dt = torch.bfloat16 if x2.device.type == "cpu" and kernels.native_bf16() else x2.dtype
         w = kernels.dequant_bf16(q, scales) if dt == torch.bfloat16 else None
         w = q.to(dt) * scales.to(dt)[:, None] if w is None else w
         y = F.linear(x2.to(dt), w).to(x.dtype)
