@@ -113,27 +113,23 @@ class Response:
                 pass
         self._wake = wake
         try:
-            async for c in self._achunks(ready):
-                yield c
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    ready.clear()  # a wake queued before this point runs after it (on this loop): never lost
+                    await ready.wait()
+                    continue
+                if item is _END:
+                    for c in await asyncio.to_thread(self._asm.finish):
+                        yield c
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                for c in await asyncio.to_thread(self._asm.push, item):  # SNAC decoding off the event loop
+                    yield c
         finally:
             self._wake = None
-
-    async def _achunks(self, ready: asyncio.Event) -> AsyncIterator[StreamChunk]:
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                ready.clear()  # a wake queued before this point runs after it (on this loop), never lost
-                await ready.wait()
-                continue
-            if item is _END:
-                for c in await asyncio.to_thread(self._asm.finish):
-                    yield c
-                return
-            if isinstance(item, Exception):
-                raise item
-            for c in await asyncio.to_thread(self._asm.push, item):  # SNAC decoding off the event loop
-                yield c
 
     def wait(self) -> "Response":
         for _ in self:
