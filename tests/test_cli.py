@@ -141,3 +141,18 @@ def test_console_script_version():
     res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
     assert res.stdout.startswith("omnitalk ")
+
+
+def test_whisper_window_option(capsys):
+    """--whisper-window sets how the loaded model runs Whisper (default: the encoder's own, exact for the
+    release); an unknown window is refused by the parser."""
+    import argparse
+
+    args = dict(checkpoint=CKPT, device="cpu", mode="fp32", no_download=True)
+    assert cli._load_model(argparse.Namespace(**args, whisper_window=None)).whisper_window == "exact"
+    assert cli._load_model(argparse.Namespace(**args, whisper_window="trimmed")).whisper_window == "trimmed"
+    code, out, err = run(capsys, "transcribe", "--checkpoint", CKPT, "--device", "cpu",
+                         "--whisper-window", "trimmed", QUESTION)
+    assert code == 0, err
+    code, out, err = run(capsys, "chat", "--whisper-window", "half", *TEXT)
+    assert code == 2 and "invalid choice: 'half'" in err
