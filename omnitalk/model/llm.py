@@ -32,10 +32,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, except for a few rows on the CPU (decode steps): there omnitalk's gemv kernel streams
     the (out, in) weight once for all rows (fp32 or bf16 weights, fp32 sums), while MKL's x @ weight.T
     packs the whole weight first — 2-3x slower for 2 rows. Same products, another summation order
-    (differences at float rounding level). Without the kernel, `weight @ x.T` for fp32."""
-    if x.device.type == "cpu" and x.numel() <= kernels.MAX_ROWS * x.shape[-1]:
-        y = kernels.gemv(x, weight)
-        if y is None and x.dtype == torch.float32 and weight.dtype == torch.float32:
+    (differences at float rounding level). Without the kernel, `weight @ x.T` for up to 8 fp32 rows."""
+    if x.device.type == "cpu":
+        y = kernels.gemv(x, weight)  # None where it does not apply (rows, dtypes, autograd, not built)
+        if y is None and x.dtype == torch.float32 and weight.dtype == torch.float32 \
+                and x.numel() <= 8 * x.shape[-1]:
             y = (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
         if y is not None:
             y = y.to(x.dtype)
