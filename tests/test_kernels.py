@@ -100,3 +100,20 @@ def test_avx2_bodies_and_the_off_switch():
            "print(kernels.gemv(torch.randn(2, 8), torch.randn(4, 8)))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.splitlines() == ["omnitalk kernels: off (turned off by OMNITALK_KERNELS=0)", "None"]
+
+
+def test_dequant_bf16_rounds_like_torch_and_reuses_its_buffer():
+    """int8 * scale -> bf16 in one pass equals torch's fp32 product rounded to bf16, bit for bit (odd K:
+    the scalar tail), and successive calls write into one per-thread buffer."""
+    gen = torch.Generator().manual_seed(3)
+    for n, k in [(100, 903), (7, 16), (3, 5)]:
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        s = torch.rand(n, generator=gen) + 0.01
+        for scale in (s, s.bfloat16()):
+            want = (q.float() * scale.float()[:, None]).bfloat16()
+            got = kernels.dequant_bf16(q, scale)
+            assert got.dtype == torch.bfloat16 and got.shape == (n, k) and torch.equal(got, want)
+    a = kernels.dequant_bf16(torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+    b = kernels.dequant_bf16(torch.ones(2, 8, dtype=torch.int8), torch.full((2,), 2.0))
+    assert a.data_ptr() == b.data_ptr() and torch.equal(b, torch.full((2, 8), 2.0, dtype=torch.bfloat16))
+    assert kernels.dequant_bf16(torch.ones(2, 8), torch.ones(2)) is None    # not int8: the caller's job
