@@ -45,7 +45,10 @@ class ModelSection:
     checkpoint: str | None = None          # init checkpoint: dir with model_config.yaml + lit_model.pth,
                                            # omnitalk.safetensors or state.pt; init qwen2: a HF Qwen2 dir
     tokenizer: str | None = None           # tokenizer.json; None: the checkpoint's, else byte-level
-    init_std: float = 0.02                 # random init: N(0, init_std) for every matrix and embedding
+    init_std: float = 0.02                 # random init: N(0, init_std) for every matrix
+    embedding_init_std: float | None = None  # random init of the embedding table; None: init_std x the
+                                           # number of streams (8): the input is the streams' mean
+    zero_audio_pad: bool = True            # random init: the 7 `_pad_a` embedding rows start at zero
 
 
 @dataclass

@@ -64,6 +64,28 @@ def test_loss_falls_and_stage_freezing(tmp_path, stage):
         assert flag is (stage == 3)
 
 
+def test_random_init_scales_the_embedding_table_and_zeroes_the_audio_pad_rows(tmp_path):
+    from omnitalk.tokens import TokenLayout
+
+    cfg = train_config(tmp_path, model=dict(init_std=0.02))
+    torch.manual_seed(0)
+    lm = build_model(cfg, model_config(cfg))
+    c = lm.cfg
+    wte = lm.transformer.wte.weight.detach()
+    pad_rows = [c.text_vocab_size + j * c.audio_vocab_size + TokenLayout.from_config(c).pad_a
+                for j in range(c.n_audio_layers)]
+    assert all(float(wte[r].abs().max()) == 0.0 for r in pad_rows)
+    others = torch.ones(wte.shape[0], dtype=torch.bool)
+    others[pad_rows] = False
+    # the input is the mean of 8 streams: the table is drawn 8x wider than the matrices
+    assert float(wte[others].std()) == pytest.approx(0.02 * (c.n_audio_layers + 1), rel=0.05)
+    assert float(lm.transformer.h[0].attn.attn.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    assert lm.lm_head.weight is lm.transformer.wte.weight  # tied
+    cfg2 = train_config(tmp_path, model=dict(init_std=0.02, embedding_init_std=0.05, zero_audio_pad=False))
+    wte2 = build_model(cfg2, model_config(cfg2)).transformer.wte.weight.detach()
+    assert float(wte2.std()) == pytest.approx(0.05, rel=0.05) and all(float(wte2[r].abs().max()) > 0 for r in pad_rows)
+
+
 def test_sigterm_checkpoint_and_exact_resume(tmp_path):
     recs, feats = synthetic(2, seed=1)
     over = dict(optim=dict(lr=5e-3, warmup_steps=2, steps=9), batch=dict(batch_tokens=256, grad_accum=2),
