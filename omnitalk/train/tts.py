@@ -199,8 +199,10 @@ class MultiSynth:
 # ---------------------------------------------------------------------------------------------
 
 # intelligible espeak-ng variants (the robotic / whisper / croak ones are left out)
-ESPEAK_TRAIN_VARIANTS = ("", "m1", "m2", "m4", "m6", "m7", "f1", "f3", "f4", "klatt", "klatt3", "Annie",
-                         "david", "linda", "robert", "Alex", "max")
+ESPEAK_TRAIN_VARIANTS = ("", "m1", "m2", "m4", "m5", "m6", "m7", "m8", "f1", "f3", "f4", "f5", "klatt", "klatt2",
+                         "klatt3", "klatt4", "Annie", "david", "linda", "robert", "Alex", "max", "Andy", "Gene",
+                         "Lee", "Mike", "Jacky", "Michael", "anika", "travis", "victor", "norbert", "shelby",
+                         "grandma", "grandpa", "adam", "caleb", "ed", "edward", "paul", "rob")
 ESPEAK_HELD_OUT_VARIANTS = ("m3", "f2", "john", "steph")
 
 

@@ -19,7 +19,8 @@ variants x speeds x pitches); answers by ONE fixed voice, the model's voice.
 
 Splits: every sentence is train or held-out by a seeded hash of its text (the same sentence never
 appears in both, whatever the task), and the eval manifest uses held-out sentences spoken with held-out
-voice settings (VoiceSpace.split). Images are always drawn fresh. A word-level tokenizer over the
+voice settings (VoiceSpace.split). Held-out arithmetic questions are new phrasings of facts that a
+training phrasing teaches ("how much is three plus four" when "what is three plus four" is trained). Images are always drawn fresh. A word-level tokenizer over the
 world's vocabulary is saved as tokenizer.json (ids 0..V-1; the small model's text_vocab_size must be
 >= V + 64 for the special tokens).
 
@@ -75,21 +76,27 @@ def plural(shape: str) -> str:
     return shape + "s"
 
 
-def arithmetic_questions() -> list[tuple[str, str]]:
-    """(question, answer) for plus / minus / times with results 0..20."""
+def arithmetic_facts() -> list[tuple[str, str, str]]:
+    """(question, answer, fact) for plus / minus / times with results 0..20; `fact` names the sum
+    ("3+4") that the question's phrasings share."""
     out = []
     for a in range(11):
         for b in range(11):
             A, B = NUMBERS[a], NUMBERS[b]
-            out += [(t.format(a=A, b=B), NUMBERS[a + b]) for t in
+            out += [(t.format(a=A, b=B), NUMBERS[a + b], f"{a}+{b}") for t in
                     ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}")]
             if a >= b:
-                out += [(t.format(a=A, b=B), NUMBERS[a - b]) for t in
+                out += [(t.format(a=A, b=B), NUMBERS[a - b], f"{a}-{b}") for t in
                         ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} from {a}")]
             if a <= 5 and b <= 4 and a * b <= 20:
-                out += [(t.format(a=A, b=B), NUMBERS[a * b]) for t in
+                out += [(t.format(a=A, b=B), NUMBERS[a * b], f"{a}*{b}") for t in
                         ("what is {a} times {b}", "how much is {a} times {b}")]
     return out
+
+
+def arithmetic_questions() -> list[tuple[str, str]]:
+    """(question, answer) for plus / minus / times with results 0..20."""
+    return [(q, a) for q, a, _ in arithmetic_facts()]
 
 
 def count_templates() -> list[tuple[str, str]]:
@@ -316,7 +323,12 @@ class _Pools:
 
     def __init__(self, seed: int, fraction: float, held: bool):
         pick = lambda items, key: split_pool(items, key, seed, fraction)[1 if held else 0]
-        self.arith = pick(arithmetic_questions(), lambda x: x[0])
+        # arithmetic: held-out *phrasings* of facts that some training phrasing teaches (a fact whose
+        # every phrasing fell on the held-out side is in neither split: a closed world's facts must be
+        # learnt before they can be asked in new words)
+        train_arith, held_arith = split_pool(arithmetic_facts(), lambda x: x[0], seed, fraction)
+        known = {f for _, _, f in train_arith}
+        self.arith = [(q, a) for q, a, f in (held_arith if held else train_arith) if f in known]
         self.image = [("count", k, q) for q, k in pick(count_templates(), lambda x: x[0])] + \
                      [("color", k, q) for q, k in pick(color_templates(), lambda x: x[0])] + \
                      [("shape", k, q) for q, k in pick(shape_templates(), lambda x: x[0])]

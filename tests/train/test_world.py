@@ -38,6 +38,14 @@ def test_sentence_split_and_vocabulary():
     train_pool, held_pool = W._Pools(0, 0.15, False), W._Pools(0, 0.15, True)
     assert not set(train_pool.sentences) & set(held_pool.sentences)
     assert not {q for *_, q in train_pool.image} & {q for *_, q in held_pool.image}
+    # held-out arithmetic: new phrasings of facts a training phrasing teaches, never a fact unseen in training
+    fact = {q: f for q, _, f in W.arithmetic_facts()}
+    assert fact["what is three plus four"] == fact["add three and four"] == "3+4" != fact["what is four plus three"]
+    assert held_pool.arith and not {q for q, _ in train_pool.arith} & {q for q, _ in held_pool.arith}
+    assert {fact[q] for q, _ in held_pool.arith} <= {fact[q] for q, _ in train_pool.arith}
+    orphans = {f for _, _, f in W.arithmetic_facts()} - {fact[q] for q, _ in train_pool.arith}
+    assert all(fact[q] not in orphans for q, _ in held_pool.arith) and len(held_pool.arith) + len(
+        train_pool.arith) == sum(1 for _, _, f in W.arithmetic_facts() if f not in orphans)
     words = W.world_words()
     assert {"seven", "circle", "circles", "purple", "how", "picture"} <= set(words)
     tok = W.build_tokenizer(words)
