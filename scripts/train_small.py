@@ -231,7 +231,8 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     a = s0["audio"]
     ra = pretrain_audio_encoder(enc, items, lambda t: tok.encode(t).ids, tok.get_vocab_size(), steps=a["steps"],
                                 batch_size=a.get("batch_size", 16), lr=a.get("lr", 2e-3), seed=seed,
-                                max_minutes=a.get("max_minutes"), held_out=held, progress=progress)
+                                max_minutes=a.get("max_minutes"), held_out=held, progress=progress,
+                                spec_augment_prob=a.get("spec_augment", 0.0), speed=tuple(a.get("speed", (0.9, 1.1))))
     _replace(assets / "small.pt", {"dims": dataclasses.asdict(enc.dims), "window": "trimmed", "model_state_dict":
                                    {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}})
     v = s0["vision"]

@@ -127,6 +127,25 @@ def augment(x: np.ndarray, rng: np.random.Generator, speed=(0.9, 1.1), noise_pro
     return (x * (rng.uniform(*gain) / peak)).astype(np.float32)
 
 
+def spec_augment(mel: torch.Tensor, rng: np.random.Generator, freq_masks: int = 2, freq_width: int = 10,
+                 time_masks: int = 2, time_width: int = 12) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) on one log-mel (n_mels, T): `freq_masks` bands of up to
+    `freq_width` mel bins and `time_masks` spans of up to `time_width` frames (at most a tenth of the
+    utterance each) set to the utterance's mean."""
+    m = mel.clone()
+    n_mels, T = m.shape
+    fill = float(m.mean())
+    for _ in range(freq_masks):
+        w = int(rng.integers(0, freq_width + 1))
+        f0 = int(rng.integers(0, max(1, n_mels - w)))
+        m[f0:f0 + w] = fill
+    for _ in range(time_masks):
+        w = int(rng.integers(0, min(time_width, T // 10) + 1))
+        t0 = int(rng.integers(0, max(1, T - w)))
+        m[:, t0:t0 + w] = fill
+    return m
+
+
 class CTCHead(nn.Module):
     def __init__(self, width: int, n_words: int):
         super().__init__()
@@ -152,8 +171,11 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
                            n_words: int, *, steps: int = 1000, batch_size: int = 16, lr: float = 2e-3,
                            min_lr: float = 1e-4, warmup: int = 50, seed: int = 0, max_minutes: float | None = None,
                            held_out: Sequence[tuple[str, str]] = (), log_every: int = 25,
-                           progress: bool = True) -> Stage0Result:
-    """CTC-train `encoder` (an omnitalk AudioEncoder, trimmed windows) in place on (audio path, text)."""
+                           progress: bool = True, spec_augment_prob: float = 0.0,
+                           speed=(0.9, 1.1)) -> Stage0Result:
+    """CTC-train `encoder` (an omnitalk AudioEncoder, trimmed windows) in place on (audio path, text).
+    Every example is augmented (speed, gain, noise: `augment`) and, with `spec_augment_prob`, masked
+    (`spec_augment`)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     wavs = [audio_io.load_audio(p) for p, _ in items]
@@ -164,7 +186,8 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
     def batch_loss() -> torch.Tensor:
         start = int(rng.integers(0, max(1, len(order) - batch_size + 1)))
         idx = order[start:start + batch_size]
-        mels = [trimmed_mel(augment(wavs[i], rng)) for i in idx]
+        mels = [trimmed_mel(augment(wavs[i], rng, speed=speed)) for i in idx]
+        mels = [spec_augment(m, rng) if rng.random() < spec_augment_prob else m for m in mels]
         T = max(m.shape[-1] for m in mels)
         batch = torch.stack([F.pad(m, (0, T - m.shape[-1]), value=float(m.min())) for m in mels])
         lens = torch.tensor([m.shape[-1] // 2 for m in mels])
