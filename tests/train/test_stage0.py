@@ -32,6 +32,29 @@ def test_augment_changes_speed_gain_and_adds_noise():
     np.testing.assert_allclose(clean, 0.5 * x / np.abs(x).max(), atol=1e-6)
 
 
+def test_spec_augment_masks_bands_and_spans_with_the_mean():
+    mel = torch.arange(80 * 200, dtype=torch.float32).reshape(80, 200) / 1000
+    fill = float(mel.mean())
+    for seed in range(20):
+        out = stage0.spec_augment(mel, np.random.default_rng(seed), freq_masks=2, freq_width=10, time_masks=2,
+                                  time_width=12)
+        assert out.shape == mel.shape
+        changed = out != mel
+        rows = changed.all(1).nonzero().flatten().tolist()      # masked mel bins (whole rows)
+        cols = changed.all(0).nonzero().flatten().tolist()      # masked frames (whole columns)
+        assert len(rows) <= 20 and len(cols) <= 2 * min(12, 200 // 10)
+        # every changed value is the fill and lies in a masked row or column
+        assert torch.all(out[changed] == fill)
+        extra = changed.clone()
+        extra[rows] = False
+        extra[:, cols] = False
+        assert not extra.any()
+    assert torch.equal(stage0.spec_augment(mel, np.random.default_rng(3)), stage0.spec_augment(mel, np.random.default_rng(3)))
+    assert torch.equal(mel, torch.arange(80 * 200, dtype=torch.float32).reshape(80, 200) / 1000)  # input untouched
+    short = torch.zeros(80, 9) + torch.arange(9.0)
+    assert torch.equal(stage0.spec_augment(short, np.random.default_rng(0), freq_masks=0), short)  # T // 10 = 0
+
+
 def test_ctc_greedy_collapses_repeats_and_blanks():
     blank = 3
     path = [3, 0, 0, 3, 0, 1, 1, 3, 3, 2]
