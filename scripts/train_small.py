@@ -211,7 +211,8 @@ def _replace(path: Path, obj) -> None:
 def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     """Train the narrow Whisper encoder (CTC on the training questions' audio, trimmed windows) and the
     narrow CLIP ViT (scene attributes of drawn images) in place of the random ones in `assets`; both
-    stay frozen afterwards. Skipped when `<assets>/stage0.json` exists (the result of a previous run)."""
+    stay frozen afterwards. Each part is skipped when its result exists (`<assets>/stage0_audio.json`,
+    `stage0_vision.json`: a previous run's), so a re-run after changing one part trains only that one."""
     from tokenizers import Tokenizer
 
     from omnitalk.model.clip import load_clip_vision
@@ -219,35 +220,47 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     from omnitalk.train.data import read_manifest
     from omnitalk.train.stage0 import pretrain_audio_encoder, pretrain_vision_encoder, transcribed_audio
 
-    done = assets / "stage0.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     s0, progress = rc["stage0"], rc.get("progress", True)
-    w0, c0 = time.perf_counter(), cpu_seconds()
-    tok = Tokenizer.from_file(str(world / "tokenizer.json"))
-    items = transcribed_audio(read_manifest(world / "train.jsonl"))
-    held = transcribed_audio(read_manifest(world / "eval.jsonl"))[:100]
-    enc = load_whisper_encoder(assets / "small.pt")
-    a = s0["audio"]
-    ra = pretrain_audio_encoder(enc, items, lambda t: tok.encode(t).ids, tok.get_vocab_size(), steps=a["steps"],
-                                batch_size=a.get("batch_size", 16), lr=a.get("lr", 2e-3), seed=seed,
-                                max_minutes=a.get("max_minutes"), held_out=held, progress=progress,
-                                spec_augment_prob=a.get("spec_augment", 0.0), speed=tuple(a.get("speed", (0.9, 1.1))))
-    _replace(assets / "small.pt", {"dims": dataclasses.asdict(enc.dims), "window": "trimmed", "model_state_dict":
-                                   {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}})
-    v = s0["vision"]
-    vit = load_clip_vision(assets / "ViT-B-32.pt")
-    rv = pretrain_vision_encoder(vit, steps=v["steps"], batch_size=v.get("batch_size", 32),
-                                 n_images=v.get("n_images", 2000), lr=v.get("lr", 1e-3), seed=seed,
-                                 max_minutes=v.get("max_minutes"), progress=progress)
-    _replace(assets / "ViT-B-32.pt", {k: v.clone() for k, v in vit.state_dict().items()})
-    res = {"audio": {"steps": ra.steps, "seconds": round(ra.seconds, 1), "utterances": len(items),
-                     "held_out": ra.metrics, "loss": ra.losses},
-           "vision": {"steps": rv.steps, "seconds": round(rv.seconds, 1), "held_out": rv.metrics, "loss": rv.losses},
-           "wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
-    done.write_text(json.dumps(res, indent=2))
+    res = {}
+    done_audio, done_vision = assets / "stage0_audio.json", assets / "stage0_vision.json"
+    if done_audio.is_file():
+        res["audio"] = json.loads(done_audio.read_text())
+    else:
+        w0, c0 = time.perf_counter(), cpu_seconds()
+        tok = Tokenizer.from_file(str(world / "tokenizer.json"))
+        items = transcribed_audio(read_manifest(world / "train.jsonl"))
+        held = transcribed_audio(read_manifest(world / "eval.jsonl"))[:100]
+        enc = load_whisper_encoder(assets / "small.pt")
+        a = s0["audio"]
+        ra = pretrain_audio_encoder(enc, items, lambda t: tok.encode(t).ids, tok.get_vocab_size(), steps=a["steps"],
+                                    batch_size=a.get("batch_size", 16), lr=a.get("lr", 2e-3), seed=seed,
+                                    max_minutes=a.get("max_minutes"), held_out=held, progress=progress,
+                                    spec_augment_prob=a.get("spec_augment", 0.0),
+                                    speed=tuple(a.get("speed", (0.9, 1.1))))
+        _replace(assets / "small.pt", {"dims": dataclasses.asdict(enc.dims), "window": "trimmed", "model_state_dict":
+                                       {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}})
+        res["audio"] = {"steps": ra.steps, "of": a["steps"], "seconds": round(ra.seconds, 1), "utterances": len(items),
+                        "held_out": ra.metrics, "loss": ra.losses,
+                        "wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+        done_audio.write_text(json.dumps(res["audio"], indent=2))
+    if done_vision.is_file():
+        res["vision"] = json.loads(done_vision.read_text())
+    else:
+        w0, c0 = time.perf_counter(), cpu_seconds()
+        v = s0["vision"]
+        vit = load_clip_vision(assets / "ViT-B-32.pt")
+        rv = pretrain_vision_encoder(vit, steps=v["steps"], batch_size=v.get("batch_size", 32),
+                                     n_images=v.get("n_images", 2000), lr=v.get("lr", 1e-3), seed=seed,
+                                     max_minutes=v.get("max_minutes"), progress=progress)
+        _replace(assets / "ViT-B-32.pt", {k: v.clone() for k, v in vit.state_dict().items()})
+        res["vision"] = {"steps": rv.steps, "of": v["steps"], "seconds": round(rv.seconds, 1), "held_out": rv.metrics,
+                         "loss": rv.losses, "wall_s": round(time.perf_counter() - w0, 1),
+                         "cpu_s": round(cpu_seconds() - c0, 1)}
+        done_vision.write_text(json.dumps(res["vision"], indent=2))
+    res["wall_s"] = round(res["audio"]["wall_s"] + res["vision"]["wall_s"], 1)
+    res["cpu_s"] = round(res["audio"]["cpu_s"] + res["vision"]["cpu_s"], 1)
     log.info("stage 0: audio CTC WER %.3f (held out), vision count accuracy %.3f",
-             ra.metrics.get("ctc_wer", float("nan")), rv.metrics["count_accuracy"])
+             res["audio"]["held_out"].get("ctc_wer", float("nan")), res["vision"]["held_out"]["count_accuracy"])
     return res
 
 

@@ -199,6 +199,8 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
     done, seconds, losses = fit(encoder, head, batch_loss, steps=steps, lr=lr, min_lr=min_lr, warmup=warmup,
                                 max_minutes=max_minutes, log_every=log_every, progress=progress, name="audio (CTC)")
     metrics = ctc_word_error(encoder, head, held_out, encode_text) if held_out else {}
+    if held_out:  # the same on as many training utterances, unaugmented: fitting vs generalising
+        metrics["train"] = ctc_word_error(encoder, head, items[:len(held_out)], encode_text)
     return Stage0Result(done, seconds, losses, metrics)
 
 
