@@ -20,9 +20,9 @@ variants x speeds x pitches); answers by ONE fixed voice, the model's voice.
 Splits: every sentence is train or held-out by a seeded hash of its text (the same sentence never
 appears in both, whatever the task), and the eval manifest uses held-out sentences spoken with held-out
 voice settings (VoiceSpace.split). Held-out arithmetic questions are new phrasings of facts that a
-training phrasing teaches ("how much is three plus four" when "what is three plus four" is trained). Images are always drawn fresh. A word-level tokenizer over the
-world's vocabulary is saved as tokenizer.json (ids 0..V-1; the small model's text_vocab_size must be
->= V + 64 for the special tokens).
+training phrasing teaches ("how much is three plus four" when "what is three plus four" is trained).
+Images are always drawn fresh. A word-level tokenizer over the world's vocabulary is saved as
+tokenizer.json (ids 0..V-1; the small model's text_vocab_size must be >= V + 64 for the special tokens).
 
 Files under out_dir: train.jsonl, eval.jsonl, [interrupt_train.jsonl, interrupt_eval.jsonl],
 tokenizer.json, world.json (what was made, with which voices and seed), audio/q/*.wav (16 kHz questions),
