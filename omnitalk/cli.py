@@ -284,6 +284,7 @@ for _name, _module, _function in [
     ("serve", "omnitalk.server.cli", "register"),
     ("bench", "omnitalk.bench_cli", "register"),
     ("train", "omnitalk.train.cli", "add_train"),
+    ("train-codec", "omnitalk.train.cli", "add_train_codec"),
     ("plot-metrics", "omnitalk.train.cli", "add_plot_metrics"),
     ("export", "omnitalk.train.cli", "add_export"),
     ("data", "omnitalk.train.data_cli", "register"),

@@ -162,6 +162,22 @@ def bake_weight_norm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _snac_from_safetensors(folder: str):
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from snac import SNAC
+
+    try:
+        model = SNAC(**json.loads(open(os.path.join(folder, "config.json")).read()))
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot load the SNAC codec in {folder!r} (config.json + model.safetensors): {e}. "
+                              "Re-export it with `omnitalk train-codec` or replace the folder") from e
+    return model.eval()
+
+
 class Codec:
     """A loaded SNAC model; decodes frames (n, 7) to 24 kHz float waveforms."""
 
@@ -180,9 +196,12 @@ class Codec:
             raise CheckpointError(f"SNAC checkpoint {src!r} must be a folder with config.json and pytorch_model.bin "
                                   f"(or a Hugging Face repo id such as {DEFAULT_SNAC!r})")
         if looks_local:
-            missing = [f for f in ("config.json", "pytorch_model.bin") if not os.path.isfile(os.path.join(src, f))]
-            if missing:
-                raise CheckpointError(f"SNAC folder {src!r} lacks {', '.join(missing)}")
+            weights = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(src, f))]
+            if not os.path.isfile(os.path.join(src, "config.json")) or not weights:
+                raise CheckpointError(f"SNAC folder {src!r} needs config.json and model.safetensors or "
+                                      f"pytorch_model.bin; it has {sorted(os.listdir(src))}")
+            if weights[0] == "model.safetensors":  # omnitalk's own codecs (omnitalk train-codec)
+                return cls(_snac_from_safetensors(src), device)
         try:
             model = SNAC.from_pretrained(src, **hub_kwargs)
         except Exception as e:  # hub/network/state-dict errors

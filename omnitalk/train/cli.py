@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m omnitalk.train.cli train configs/mini-omni2-stage3.yaml
     omnitalk plot-metrics runs/small/metrics.jsonl --out loss.png
     omnitalk export runs/small --out DIR [--assets CHECKPOINT_DIR] [--safetensors DIR]
+    omnitalk train-codec configs/codec-small.yaml [--resume] [--steps N] [--out DIR] [--eval-only]
 
 The main CLI calls `register(subparsers)`; `python -m omnitalk.train.cli` runs these two alone.
 """
@@ -58,6 +59,50 @@ def run_train(args) -> int:
     return 0
 
 
+def add_train_codec(sub) -> None:
+    p = sub.add_parser("train-codec", help="train a SNAC codec (the LLM's speech tokens) from a YAML config",
+                       description="Train a SNAC-architecture codec with the LLM's token layout (24 kHz, hop 512, "
+                                   "3 codebooks of 4096 at strides 4/2/1) per CONFIG (configs/codec-small.yaml). "
+                                   "Writes OUT/final/ (config.json, model.safetensors, pytorch_model.bin) and "
+                                   "OUT/eval.json. SIGTERM saves a checkpoint; --resume continues exactly.")
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    p.add_argument("--steps", type=int, metavar="N", help="override steps (the schedule's length)")
+    p.add_argument("--out", metavar="DIR", help="override out_dir")
+    p.add_argument("--eval-only", metavar="CODEC_DIR", nargs="?", const="",
+                   help="only evaluate a trained codec folder (default: OUT/final) on the config's held-out speech")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_train_codec)
+
+
+def run_train_codec(args) -> int:
+    import json
+    from pathlib import Path
+
+    from omnitalk.train import codec as C
+
+    cfg = C.CodecTrainConfig.from_yaml(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.out:
+        cfg.out_dir = args.out
+    if args.no_progress:
+        cfg.progress = False
+    cfg.validate()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.eval_only is not None:
+        report = C.evaluate_trained(cfg, Path(args.eval_only or Path(cfg.out_dir) / "final"))
+        print(json.dumps(C.summary(report), indent=2))
+        return 0
+    res = C.train_codec(cfg, resume=args.resume)
+    if res.stopped:
+        print(f"stopped at step {res.step}; checkpoint {res.path} (continue with --resume)")
+        return 0
+    print(json.dumps(C.summary(res.report), indent=2))
+    print(f"done: {res.step} steps; codec in {res.path}; report in {Path(cfg.out_dir) / 'eval.json'}")
+    return 0
+
+
 def add_plot_metrics(sub) -> None:
     p = sub.add_parser("plot-metrics", help="draw loss curves from a metrics.jsonl as a PNG")
     p.add_argument("metrics", metavar="METRICS.jsonl")
@@ -109,7 +154,8 @@ def register(subparsers) -> None:
     """Add `train`, `plot-metrics` and `export` to an argparse subparsers object (a name the caller
     already has is left alone)."""
     have = set(getattr(subparsers, "choices", {}) or {})
-    for name, add in (("train", add_train), ("plot-metrics", add_plot_metrics), ("export", add_export)):
+    for name, add in (("train", add_train), ("train-codec", add_train_codec), ("plot-metrics", add_plot_metrics),
+                      ("export", add_export)):
         if name not in have:
             add(subparsers)
 

@@ -338,6 +338,17 @@ class _Pools:
         self.tts = pick(statement_sentences() + sorted(set(NUMBERS) | set(SHAPES) | set(COLORS)), lambda x: x)
 
 
+def world_sentences(seed: int = 0, fraction: float = 0.15) -> tuple[list[str], list[str]]:
+    """(training, held-out) texts of the world's split: every sentence and question (ASR) and every
+    answer text (TTS) of each side, without duplicates, in a fixed order."""
+    sides = []
+    for held in (False, True):
+        p = _Pools(seed, fraction, held)
+        texts = p.sentences + p.tts + [q for q, _ in p.arith] + [q for _, _, q in p.image]
+        sides.append(list(dict.fromkeys(texts)))
+    return sides[0], sides[1]
+
+
 def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, seed: int = 0, *,
                answer_synth: Synth | None = None, answer_voice: VoiceParams | None = None,
                voices: VoiceSpace | None = None, held_out_fraction: float = 0.15, mix: dict | None = None,

@@ -1,0 +1,245 @@
+"""`omnitalk train-codec`: the layout rule, the losses, dead-code re-draws, segment sampling, a short run
+that learns, export that both loaders read, exact resume after SIGTERM, the CLI and its errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omnitalk.codec import Codec, frames_to_codes
+from omnitalk.errors import CheckpointError
+from omnitalk.train import codec as C
+
+TINY = {"encoder_dim": 4, "decoder_dim": 32}
+
+
+def tones(n: int, seconds: float = 0.5, seed: int = 0) -> list[C.Utterance]:
+    """Harmonic tones with a few formant-like peaks: a learnable stand-in for speech."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * C.SAMPLE_RATE)) / C.SAMPLE_RATE
+    out = []
+    for i in range(n):
+        f0 = rng.uniform(90, 220)
+        x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6)) * np.hanning(len(t))
+        out.append(C.Utterance((0.3 * x).astype(np.float32), None, "train" if i < n - 2 else "files"))
+    return out
+
+
+def tiny_cfg(tmp_path, **kw) -> C.CodecTrainConfig:
+    d = {"out_dir": str(tmp_path / "run"), "model": TINY, "steps": 30, "batch_size": 4, "segment_frames": 2,
+         "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "dead_code_every": 8, "checkpoint_every": 100,
+         "recognizer": False, "progress": False, "data": {"world": False, "audio": ["unused.wav"]},
+         "loss": {"mel_windows": [64, 256, 1024], "mel_bins": [10, 40, 80]}}
+    d.update(kw)
+    return C.CodecTrainConfig.from_dict(d)
+
+
+def split(items):
+    return [u for u in items if u.group == "train"], [u for u in items if u.group != "train"]
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+def test_layout_rule_names_what_is_wrong():
+    C.check_layout(C.SMALL_SNAC)
+    with pytest.raises(C.CodecConfigError, match=r"hop_length 256 \(must be 512\)"):
+        C.check_layout({**C.SMALL_SNAC, "encoder_rates": [2, 2, 8, 8], "decoder_rates": [8, 8, 2, 2]})
+    with pytest.raises(C.CodecConfigError, match=r"vq_strides \[8, 4, 2, 1\].*codebook_size 1024"):
+        C.check_layout({**C.SMALL_SNAC, "vq_strides": [8, 4, 2, 1], "codebook_size": 1024})
+    with pytest.raises(C.CodecConfigError, match="decoder_rates multiply to 256"):
+        C.check_layout({**C.SMALL_SNAC, "decoder_rates": [8, 8, 4, 1]})
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(C.CodecConfigError, match=r"unknown SNAC argument\(s\) \['decoder_width'\]"):
+        C.CodecTrainConfig.from_dict({"model": {"decoder_width": 3}})
+    with pytest.raises(C.CodecConfigError, match="no training audio"):
+        C.CodecTrainConfig.from_dict({"data": {"world": False}})
+    with pytest.raises(C.CodecConfigError, match=r"unknown key\(s\) \['stepz'\]"):
+        C.CodecTrainConfig.from_dict({"stepz": 3})
+    cfg = C.CodecTrainConfig.from_yaml("configs/codec-small.yaml")
+    assert cfg.snac_config["decoder_dim"] == 256 and cfg.lr == 1e-3 and cfg.betas == (0.8, 0.99)
+    with pytest.raises(C.CodecConfigError, match="neither an audio file, a folder nor a .jsonl"):
+        C.load_files([str(tmp_path / "missing.wav")], "train")
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"text": "no audio key"}\n')
+    with pytest.raises(C.CodecConfigError, match=r"m.jsonl:1: expected a JSON object with 'audio'"):
+        C.load_files([str(bad)], "train")
+
+
+def test_audio_files_folders_and_manifests(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name, sr in (("a.wav", 16000), ("b.wav", 24000)):
+        sf.write(tmp_path / "d" / name, np.zeros(sr // 2, dtype=np.float32), sr)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "d/a.wav", "text": "hello"}) + "\n")
+    items = C.load_files([str(tmp_path / "d"), str(tmp_path / "m.jsonl")], "files")
+    assert [len(u.wav) for u in items] == [12000, 12000, 12000]  # resampled to 24 kHz
+    assert [u.text for u in items] == [None, None, "hello"]
+
+
+# ---- losses and quantizer -------------------------------------------------------------------------
+
+def test_quantize_matches_snac_forward():
+    torch.manual_seed(0)
+    snac = C.build_snac(TINY).eval()
+    x = torch.randn(2, 1, 4096) * 0.1
+    with torch.no_grad():
+        z = snac.encoder(snac.preprocess(x))
+        ref_zq, ref_codes = snac.quantizer(z)
+        q = C.quantize(snac.quantizer, z)
+    assert [c.shape for c in q.codes] == [(2, 2), (2, 4), (2, 8)]  # strides 4/2/1 of 8 latent steps
+    for a, b in zip(q.codes, ref_codes):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(q.z_q, ref_zq)
+    assert q.commitment > 0 and torch.allclose(q.commitment, q.codebook)  # same value, other gradient path
+    assert [lat.shape for lat in q.latents] == [(4, 8), (8, 8), (16, 8)]
+
+
+def test_multiscale_mel_loss():
+    loss = C.MultiScaleMelLoss(windows=(64, 256), n_mels=(10, 40))
+    x = torch.sin(torch.arange(4800) / 5.0)[None] * 0.5
+    assert float(loss(x, x)) == 0.0
+    small, large = (float(loss(x + a * torch.randn_like(x), x)) for a in (0.01, 0.3))
+    assert 0 < small < large
+    assert loss.log_mel(x, 256).shape == (1, 40, 4800 // 64 + 1)
+
+
+def test_dead_codes_are_redrawn_from_recent_latents():
+    torch.manual_seed(0)
+    snac = C.build_snac(TINY)
+    dead = C.DeadCodes(snac.quantizer, every=8)
+    with torch.no_grad():
+        q = C.quantize(snac.quantizer, snac.encoder(torch.randn(2, 1, 4096)))
+    dead.observe(q)
+    used0 = int((dead.counts[0] > 0).sum())
+    assert 1 <= used0 <= 4 and dead.maybe_reset(3, torch.Generator()) == []  # not a reset step
+    before = snac.quantizer.quantizers[0].codebook.weight.clone()
+    replaced = dead.maybe_reset(8, torch.Generator().manual_seed(0))
+    assert replaced[0] == 4096 - used0 and all(int(c.sum()) == 0 for c in dead.counts)
+    after = snac.quantizer.quantizers[0].codebook.weight
+    changed = (after != before).any(1)
+    assert int(changed.sum()) == replaced[0]
+    # every re-drawn code sits next to one of the 4 latents it was drawn from
+    d = torch.cdist(after[changed].detach(), q.latents[0]).min(1).values
+    assert float(d.max()) < 0.05 * float(q.latents[0].norm(dim=1).mean())
+    # early re-draws at every/8, every/4, every/2 (the random initial codebook collapses at once)
+    assert [bool(dead.maybe_reset(s, torch.Generator())) for s in range(1, 17)] == \
+        [s in (1, 2, 4, 8, 16) for s in range(1, 17)]
+
+
+def test_segment_sampler_is_seeded_and_resumable():
+    wavs = [np.ones(5000, np.float32), np.full(100, 2.0, np.float32)]
+    a = C.SegmentSampler(wavs, 4096, seed=1, gain=(1.0, 1.0))
+    b1 = a.batch(3)
+    state = a.state()
+    b2 = a.batch(3)
+    assert b1.shape == (3, 1, 4096)
+    c = C.SegmentSampler(wavs, 4096, seed=1, gain=(1.0, 1.0))
+    assert torch.equal(c.batch(3), b1)
+    c.set_state(state)
+    assert torch.equal(c.batch(3), b2)
+    rows = torch.cat([b1, b2])[:, 0]
+    assert all(float(r.sum()) in (4096.0, 200.0) for r in rows)  # a window of the long one, or the short one
+    assert all(int((r != 0).sum()) == 100 for r in rows if float(r.sum()) == 200.0)  # zero-padded
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+def test_short_run_learns_exports_and_loads(tmp_path):
+    items = tones(10)
+    cfg = tiny_cfg(tmp_path, steps=40)
+    res = C.train_codec(cfg, data=split(items))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    mel = [r["mel"] for r in rows if "mel" in r]
+    assert len(mel) == 40 and np.mean(mel[-5:]) < 0.85 * np.mean(mel[:5])
+    assert any(r.get("dead_codes") for r in rows)
+    final = tmp_path / "run" / "final"
+    assert res.path == final and not res.stopped
+    assert {p.name for p in final.iterdir()} == {"config.json", "model.safetensors", "pytorch_model.bin"}
+    codec = Codec.from_pretrained(final)  # model.safetensors
+    from snac import SNAC
+    official = SNAC.from_pretrained(str(final))  # the snac package's own loader: pytorch_model.bin
+    frames = codec.encode(items[0].wav[:4096])
+    assert frames.shape == (2, 7) and frames.min() >= 0 and frames.max() < 4096
+    ours = codec.decode(frames, noise=True, seed=3)
+    assert ours.shape == (4096,)
+    torch.testing.assert_close(ours, _seeded(lambda: official.decode(frames_to_codes(frames)), 3))
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["steps"] == 40 and report["files"]["items"] == 2 and report["files"]["mel_distance"] > 0
+    assert 1 <= report["codebooks"]["c2"]["used"] <= 4096
+
+
+def _seeded(fn, seed):
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        return fn().reshape(-1)
+
+
+def test_sigterm_checkpoint_and_exact_resume(tmp_path):
+    items = split(tones(8))
+    full = C.train_codec(tiny_cfg(tmp_path / "a", steps=12), data=items)
+
+    def kill_at_5(step, parts):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler only sets a flag
+
+    cfg = tiny_cfg(tmp_path / "b", steps=12)
+    stopped = C.train_codec(cfg, data=items, callbacks=[kill_at_5])
+    assert stopped.stopped and stopped.step == 5 and (stopped.path / "state.pt").is_file()
+    resumed = C.train_codec(cfg, data=items, resume=True)
+    assert resumed.step == 12 and not resumed.stopped
+    from safetensors.torch import load_file
+    a, b = (load_file(str(r.path / "model.safetensors")) for r in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # nothing logged twice
+    other = tiny_cfg(tmp_path / "b", steps=12, model={"encoder_dim": 8, "decoder_dim": 32})
+    with pytest.raises(C.CodecConfigError, match="written with another model config"):
+        C.train_codec(other, data=items, resume=True)
+
+
+def test_cli_trains_from_files_and_evaluates(tmp_path):
+    for i, u in enumerate(tones(4)):
+        sf.write(tmp_path / f"t{i}.wav", u.wav, C.SAMPLE_RATE)
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"audio": "t3.wav", "text": "a tone"}) + "\n")
+    cfg = {"out_dir": str(tmp_path / "out"), "model": TINY, "steps": 3, "batch_size": 2, "segment_frames": 2,
+           "log_every": 1, "recognizer": False, "data": {"world": False, "audio": [str(tmp_path / "t0.wav"),
+                                                                                   str(tmp_path / "t1.wav")],
+                                                         "eval_audio": [str(tmp_path / "eval.jsonl")]}}
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "omnitalk.cli", "train-codec", str(tmp_path / "c.yaml"), "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "done: 3 steps" in r.stdout and '"mel_distance"' in r.stdout
+    r = subprocess.run([sys.executable, "-m", "omnitalk.cli", "train-codec", str(tmp_path / "c.yaml"), "--eval-only"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"]["items"] == 1
+    (tmp_path / "bad.yaml").write_text(json.dumps({**cfg, "model": {"vq_strides": [2, 1]}}))
+    r = subprocess.run([sys.executable, "-m", "omnitalk.cli", "train-codec", str(tmp_path / "bad.yaml")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "vq_strides [2, 1] (must be [4, 2, 1])" in r.stderr
+
+
+def test_corrupt_codec_folder_is_named(tmp_path):
+    snac = C.build_snac(TINY)
+    folder = C.export_codec(snac, tmp_path / "codec")
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"cannot load the SNAC codec in .*Re-export it"):
+        Codec.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="needs config.json and model.safetensors or pytorch_model.bin"):
+        Codec.from_pretrained(folder)
+
+
+def test_world_texts_split():
+    train, held = C.world_texts(0, 0.15)
+    assert "stop omni" in train and len(held) > 50 and len(train) > 5 * len(held)
+    assert not set(held) & set(train)
