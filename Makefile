@@ -11,7 +11,7 @@ CKPT    ?= checkpoint
 # g++ (builds omnitalk's CPU kernels; usually already there)
 SYSDEPS := espeak-ng chromium chromium-driver g++
 
-.PHONY: install sysdeps test test-fast demo parity bench train-small clean
+.PHONY: install sysdeps test test-fast demo parity bench train-small train-codec clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,9 @@ bench: $(STAMP)
 
 train-small: $(STAMP) sysdeps
 	$(BIN)/python scripts/train_small.py --recipe configs/small-recipe.yaml --docs-img docs/img
+
+train-codec: $(STAMP) sysdeps
+	$(BIN)/omnitalk train-codec configs/codec-small.yaml
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -177,7 +177,15 @@ def make_assets(out: Path, rc: dict, seed: int) -> Path:
         c = rc["clip"]
         vit = VisionTransformer(VisionDims(224, 32, c["width"], c["layers"], c["width"] // 64, c["output_dim"]))
         torch.save(vit.state_dict(), out / "ViT-B-32.pt")
-    if not (out / "snac" / "pytorch_model.bin").is_file():
+    if rc.get("codec") and not (out / "snac" / "config.json").is_file():
+        # a trained codec (omnitalk train-codec, configs/codec-small.yaml): its folder becomes assets/snac
+        src = Path(rc["codec"])
+        src = src if src.is_absolute() else ROOT / src
+        if not (src / "config.json").is_file():
+            raise SystemExit(f"recipe key codec: {src} is not a trained codec folder (config.json + "
+                             "model.safetensors); train it first: omnitalk train-codec configs/codec-small.yaml")
+        shutil.copytree(src, out / "snac")
+    if not (out / "snac" / "config.json").is_file():
         torch.manual_seed(seed + 2)
         cfg = {**SNAC_24KHZ, **rc.get("snac", {})}
         snac = SNAC(**cfg).eval()

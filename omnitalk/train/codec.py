@@ -107,6 +107,7 @@ class CodecTrainConfig:
     max_minutes: float | None = None  # stop training (then export) after this wall time
     recognizer: bool = True          # final eval: independent-recogniser WER when faster-whisper is installed
     threads: int | None = None
+    compile: bool = False            # torch.compile the training step (faster steps, minutes to compile)
     seed: int = 0
     progress: bool = True
 
@@ -236,14 +237,14 @@ def quantize(rvq, z: torch.Tensor) -> Quantized:
 
 
 def forward_losses(snac, x: torch.Tensor, mel_loss: MultiScaleMelLoss, weights: CodecLossSection):
-    """x (B, 1, T), T a multiple of 2048 -> (total loss, {part: float}, Quantized)."""
+    """x (B, 1, T), T a multiple of 2048 -> (total loss, {part: loss tensor}, Quantized)."""
     z = snac.encoder(snac.preprocess(x))                    # (B, D, T / 512)
     qz = quantize(snac.quantizer, z)
     y = snac.decoder(qz.z_q)[..., :x.shape[-1]]              # (B, 1, T)
     parts = {"mel": mel_loss(y[:, 0], x[:, 0]), "waveform": F.l1_loss(y, x),
              "commitment": qz.commitment, "codebook": qz.codebook}
     total = sum(getattr(weights, k) * v for k, v in parts.items())
-    return total, {k: float(v.detach()) for k, v in parts.items()}, qz
+    return total, parts, qz
 
 
 class DeadCodes:
@@ -566,6 +567,9 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
     dead = DeadCodes(snac.quantizer, cfg.dead_code_every)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     mel_loss = MultiScaleMelLoss(SAMPLE_RATE, cfg.loss.mel_windows, cfg.loss.mel_bins)
+    # torch.compile (inductor) fuses the Snake activations' elementwise chains: ~1.6x faster steps on a
+    # CPU, after a one-off compilation of a few minutes (cached under the inductor cache dir)
+    step_losses = torch.compile(forward_losses) if cfg.compile else forward_losses
     step = 0
     if resume and _checkpoints(out):
         path = _checkpoints(out)[-1]
@@ -595,7 +599,8 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
             for g in opt.param_groups:
                 g["lr"] = lr
             x = sampler.batch(cfg.batch_size)
-            loss, parts, qz = forward_losses(snac, x, mel_loss, cfg.loss)
+            loss, parts, qz = step_losses(snac, x, mel_loss, cfg.loss)
+            parts = {k: float(v.detach()) for k, v in parts.items()}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(snac.parameters(), cfg.grad_clip)
