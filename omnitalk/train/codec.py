@@ -345,7 +345,7 @@ def synthesise_world(data: CodecDataSection, out_dir: Path, synth=None, progress
 
     from omnitalk.train.tts import MODEL_VOICE_ESPEAK, EspeakSynth, VoiceParams, VoiceSpace, synth_to
 
-    settings = {"n_train": data.n_train, "n_eval": data.n_eval, "model_voice_share": data.model_voice_share,
+    settings = {"version": 2, "n_train": data.n_train, "n_eval": data.n_eval, "model_voice_share": data.model_voice_share,
                 "held_out_fraction": data.held_out_fraction, "seed": data.seed}
     manifest, info = out_dir / "manifest.jsonl", out_dir / "settings.json"
     if not (manifest.is_file() and info.is_file() and json.loads(info.read_text()) == settings):
@@ -358,7 +358,7 @@ def synthesise_world(data: CodecDataSection, out_dir: Path, synth=None, progress
             voice = MODEL_VOICE_ESPEAK if rng.random() < data.model_voice_share else train_voices.sample(rng)
             plan.append(("train", rng.choice(train_texts), voice))
         for i in range(data.n_eval):
-            plan.append(("model_voice", held_texts[i % len(held_texts)], MODEL_VOICE_ESPEAK))
+            plan.append(("model_voice", rng.choice(held_texts), MODEL_VOICE_ESPEAK))
             plan.append(("held_out_voices", rng.choice(held_texts), held_voices.sample(rng)))
         shutil.rmtree(out_dir, ignore_errors=True)
         (out_dir / "wav").mkdir(parents=True)
@@ -438,20 +438,14 @@ def save_codec_checkpoint(out_dir: Path, snac, opt, step: int, sampler: SegmentS
     return ck / name
 
 
-def export_codec(snac, folder: Path) -> Path:
-    """A SNAC folder: config.json, model.safetensors (omnitalk) and pytorch_model.bin (the snac package)."""
+def export_codec(snac, folder: Path, config: dict) -> Path:
+    """A SNAC folder: config.json (`config`, the SNAC arguments), model.safetensors (omnitalk) and
+    pytorch_model.bin (the snac package's loader)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    keys = ("sampling_rate", "encoder_dim", "encoder_rates", "latent_dim", "decoder_dim", "decoder_rates",
-            "attn_window_size", "codebook_size", "codebook_dim", "vq_strides", "noise", "depthwise")
-    cfg = {k: getattr(snac, k) for k in keys if hasattr(snac, k)}
-    cfg.update(noise=any(type(m).__name__ == "NoiseBlock" for m in snac.modules()),
-               depthwise=getattr(snac, "depthwise", True))
-    cfg = {k: (v.tolist() if isinstance(v, np.ndarray) else int(v) if isinstance(v, np.integer) else v)
-           for k, v in cfg.items()}
     sd = {k: v.detach().cpu().contiguous() for k, v in snac.state_dict().items()}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(sd, str(folder / "model.safetensors"))
     torch.save(sd, folder / "pytorch_model.bin")
     return folder
@@ -630,7 +624,7 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
         path = save_codec_checkpoint(out, snac, opt, step, sampler, dead, gen, cfg)
         return CodecRunResult(path, step, True)
     snac.eval()
-    final = export_codec(snac, out / "final")
+    final = export_codec(snac, out / "final", cfg.snac_config)
     report = {"steps": step, "train_seconds": time.perf_counter() - t0,
               "params": sum(p.numel() for p in snac.parameters()), "train_utterances": len(train_items)}
     if eval_items:

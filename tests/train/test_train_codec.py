@@ -14,6 +14,7 @@ import torch
 from omnitalk.codec import Codec, frames_to_codes
 from omnitalk.errors import CheckpointError
 from omnitalk.train import codec as C
+from omnitalk.train.tts import ESPEAK_HELD_OUT_VARIANTS, EspeakSynth
 
 TINY = {"encoder_dim": 4, "decoder_dim": 32}
 
@@ -161,6 +162,7 @@ def test_short_run_learns_exports_and_loads(tmp_path):
     final = tmp_path / "run" / "final"
     assert res.path == final and not res.stopped
     assert {p.name for p in final.iterdir()} == {"config.json", "model.safetensors", "pytorch_model.bin"}
+    assert json.loads((final / "config.json").read_text()) == {**C.SMALL_SNAC, **TINY}
     codec = Codec.from_pretrained(final)  # model.safetensors
     from snac import SNAC
     official = SNAC.from_pretrained(str(final))  # the snac package's own loader: pytorch_model.bin
@@ -229,7 +231,7 @@ def test_cli_trains_from_files_and_evaluates(tmp_path):
 
 def test_corrupt_codec_folder_is_named(tmp_path):
     snac = C.build_snac(TINY)
-    folder = C.export_codec(snac, tmp_path / "codec")
+    folder = C.export_codec(snac, tmp_path / "codec", {**C.SMALL_SNAC, **TINY})
     (folder / "pytorch_model.bin").unlink()
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=r"cannot load the SNAC codec in .*Re-export it"):
@@ -243,3 +245,23 @@ def test_world_texts_split():
     train, held = C.world_texts(0, 0.15)
     assert "stop omni" in train and len(held) > 50 and len(train) > 5 * len(held)
     assert not set(held) & set(train)
+
+
+@pytest.mark.skipif(not EspeakSynth.available(), reason="espeak-ng not installed")
+def test_world_speech_is_synthesised_once_and_split(tmp_path):
+    data = C.CodecDataSection(n_train=4, n_eval=2, seed=3)
+    train, evals = C.synthesise_world(data, tmp_path / "d", progress=False)
+    assert [u.group for u in train] == ["train"] * 4
+    assert sorted(u.group for u in evals) == ["held_out_voices"] * 2 + ["model_voice"] * 2
+    train_texts, held_texts = C.world_texts(3, data.held_out_fraction)
+    assert all(u.text in train_texts for u in train) and all(u.text in held_texts for u in evals)
+    assert all(u.wav.dtype == np.float32 and 0.3 * C.SAMPLE_RATE < len(u.wav) < 5 * C.SAMPLE_RATE
+               for u in train + evals)
+    rows = [json.loads(line) for line in (tmp_path / "d" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["voice"]["variant"] for r in rows if r["group"] == "held_out_voices"} <= set(ESPEAK_HELD_OUT_VARIANTS)
+    stamp = (tmp_path / "d" / "manifest.jsonl").stat().st_mtime_ns
+    again, _ = C.synthesise_world(data, tmp_path / "d", progress=False)  # same settings: the cache
+    assert (tmp_path / "d" / "manifest.jsonl").stat().st_mtime_ns == stamp
+    assert all(np.array_equal(a.wav, b.wav) for a, b in zip(train, again))
+    C.synthesise_world(C.CodecDataSection(n_train=2, n_eval=1, seed=3), tmp_path / "d", progress=False)
+    assert len((tmp_path / "d" / "manifest.jsonl").read_text().splitlines()) == 4  # other settings: made anew
