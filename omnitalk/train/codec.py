@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -343,7 +342,7 @@ def synthesise_world(data: CodecDataSection, out_dir: Path, synth=None, progress
     import soundfile as sf
     from tqdm.auto import tqdm
 
-    from omnitalk.train.tts import MODEL_VOICE_ESPEAK, EspeakSynth, VoiceParams, VoiceSpace, synth_to
+    from omnitalk.train.tts import MODEL_VOICE_ESPEAK, EspeakSynth, VoiceSpace, synth_to
 
     settings = {"version": 2, "n_train": data.n_train, "n_eval": data.n_eval, "model_voice_share": data.model_voice_share,
                 "held_out_fraction": data.held_out_fraction, "seed": data.seed}
