@@ -170,7 +170,8 @@ def _snac_from_safetensors(folder: str):
     from snac import SNAC
 
     try:
-        model = SNAC(**json.loads(open(os.path.join(folder, "config.json")).read()))
+        with open(os.path.join(folder, "config.json")) as f:
+            model = SNAC(**json.load(f))
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"cannot load the SNAC codec in {folder!r} (config.json + model.safetensors): {e}. "

@@ -472,7 +472,11 @@ def evaluate_codec(codec, items: Sequence[Utterance], recognizer=None, mel_loss:
     the WER of its transcripts of the decoded and of the original audio against the item's text."""
     from omnitalk.eval.metrics import corpus_wer
 
+    import soundfile as sf
+
     mel_loss = mel_loss or MultiScaleMelLoss()
+    if out_wav_dir is not None:
+        out_wav_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, dict] = {}
     all_frames = []
     for n, it in enumerate(items):
@@ -484,8 +488,6 @@ def evaluate_codec(codec, items: Sequence[Utterance], recognizer=None, mel_loss:
         x = torch.from_numpy(it.wav)[None]
         g["mel"].append(float(mel_loss(y[None], x)))
         if out_wav_dir is not None:
-            import soundfile as sf
-            out_wav_dir.mkdir(parents=True, exist_ok=True)
             sf.write(out_wav_dir / f"{n:04d}-{it.group}.wav", y.numpy(), SAMPLE_RATE)
         if recognizer is not None and it.text:
             g["refs"].append(it.text)
@@ -495,9 +497,9 @@ def evaluate_codec(codec, items: Sequence[Utterance], recognizer=None, mel_loss:
     for name, g in groups.items():
         r = {"items": len(g["mel"]), "mel_distance": float(np.mean(g["mel"]))}
         if g["refs"]:
-            r["wer_original"] = corpus_wer(g["refs"], g["orig"]).wer
-            r["wer_decoded"] = corpus_wer(g["refs"], g["coded"]).wer
-            r["words"] = corpus_wer(g["refs"], g["orig"]).ref_words
+            orig = corpus_wer(g["refs"], g["orig"])
+            r["wer_original"], r["wer_decoded"] = orig.wer, corpus_wer(g["refs"], g["coded"]).wer
+            r["words"] = orig.ref_words
             r["examples"] = [{"text": t, "original": o, "decoded": c}
                              for t, o, c in list(zip(g["refs"], g["orig"], g["coded"]))[:5]]
         report[name] = r
@@ -543,7 +545,7 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
     from tqdm.auto import tqdm
 
     from omnitalk.codec import Codec
-    from omnitalk.train.loop import StopFlag
+    from omnitalk.train.loop import StopFlag, latest_checkpoint
     from omnitalk.train.metrics import MetricsWriter
     from omnitalk.train.stage0 import cosine_lr
 
@@ -564,8 +566,8 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
     # CPU, after a one-off compilation of a few minutes (cached under the inductor cache dir)
     step_losses = torch.compile(forward_losses) if cfg.compile else forward_losses
     step = 0
-    if resume and _checkpoints(out):
-        path = _checkpoints(out)[-1]
+    path = latest_checkpoint(out) if resume else None
+    if path is not None:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         if state["snac_config"] != cfg.snac_config:
             raise CodecConfigError(f"{path} was written with another model config ({state['snac_config']}); "
