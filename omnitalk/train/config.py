@@ -5,7 +5,7 @@
     data:      train / eval manifests (JSONL) with sampling weights, task mixture weights, features
     optim:     lr, min_lr, warmup_steps, steps (cosine), weight_decay, betas, eps, grad_clip
     batch:     batch_size (records per global micro-batch) or batch_tokens (length buckets), grad_accum
-    loss:      weights of the text and audio parts
+    loss:      weights of the text and audio parts; text_norm: token (default) | sample (every sample weighs the same)
     dtype, device, strategy (auto | ddp | fsdp), checkpoint_every, eval_every, log_every, seed, out_dir
 
 Stages (reference §11.1): 1 trains only the two adapters (LLM and encoders frozen, answers in text);
@@ -77,6 +77,7 @@ class OptimSection:
 class BatchSection:
     batch_size: int = 8                    # records per global micro-batch (all ranks together)
     batch_tokens: int | None = None        # instead: padded tokens per global micro-batch (length buckets)
+    max_batch: int | None = None           # with batch_tokens: at most this many records per micro-batch
     grad_accum: int = 1
     pad_to_multiple: int = 8
     head_chunk: int | None = None          # output head in checkpointed chunks of this many positions
@@ -120,6 +121,10 @@ class TrainConfig:
         return tuple(self.train_params) if self.train_params else STAGE_PARAMS[self.stage]
 
     @property
+    def text_norm(self) -> str:
+        return self.loss.get("text_norm", "token")
+
+    @property
     def text_answers_only(self) -> bool:
         t = self.data.text_answers_only
         return self.stage in (1, 2) if t is None else bool(t)
@@ -136,12 +141,17 @@ class TrainConfig:
             problems.append(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.strategy not in ("ddp", "fsdp"):
             problems.append(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.batch.max_batch is not None and self.batch.max_batch < 1:
+            problems.append(f"batch.max_batch must be >= 1 (or null for no cap), got {self.batch.max_batch}")
         if self.batch.batch_size < 1 or self.batch.grad_accum < 1:
             problems.append("batch.batch_size and batch.grad_accum must be >= 1")
         if self.optim.steps < 1:
             problems.append("optim.steps must be >= 1")
-        if set(self.loss) - {"text", "audio"}:
-            problems.append(f"loss weights are 'text' and 'audio', got {sorted(self.loss)}")
+        if set(self.loss) - {"text", "audio", "text_norm"}:
+            problems.append(f"loss keys are 'text', 'audio' (weights) and 'text_norm', got {sorted(self.loss)}")
+        if self.text_norm not in ("token", "sample"):
+            problems.append(f"loss.text_norm must be 'token' (mean over text tokens) or 'sample' (mean over "
+                            f"samples of each sample's mean), got {self.text_norm!r}")
         if problems:
             raise TrainConfigError("invalid training config: " + "; ".join(problems))
         return self

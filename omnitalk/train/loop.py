@@ -331,7 +331,7 @@ class BatchPlan:
         self.weights = torch.tensor(list(weights), dtype=torch.float64)
         self.lengths = list(lengths)
         self.bs, self.bt = cfg.batch.batch_size, cfg.batch.batch_tokens
-        self.mult, self.seed = cfg.batch.pad_to_multiple, cfg.seed
+        self.mult, self.seed, self.max_batch = cfg.batch.pad_to_multiple, cfg.seed, cfg.batch.max_batch
         self._cache: tuple[int, list[list[int]]] | None = None
 
     def epoch(self, epoch: int) -> list[list[int]]:
@@ -343,7 +343,7 @@ class BatchPlan:
         idx = torch.repeat_interleave(torch.arange(len(self.weights)), reps)
         idx = idx[torch.randperm(len(idx), generator=g)].tolist()
         if self.bt:
-            b = length_buckets(self.lengths, self.bt, order=idx, pad_to_multiple=self.mult)
+            b = length_buckets(self.lengths, self.bt, order=idx, pad_to_multiple=self.mult, max_batch=self.max_batch)
             batches = [b[i] for i in torch.randperm(len(b), generator=g).tolist()]
         else:
             n = len(idx) // self.bs * self.bs if len(idx) >= self.bs else len(idx)
@@ -650,7 +650,7 @@ def train_step(module, optimizer, micro: list[tuple[Batch, float]], lr: float, c
     counts = torch.zeros(S, dtype=torch.float64)
     n_tok = 0.0
     for b, scale in micro:
-        counts += count_targets(b.targets).cpu() * scale
+        counts += count_targets(b.targets, cfg.text_norm).cpu() * scale
         n_tok += float(b.lengths.sum()) * scale
     counts = _reduce(counts, info)
     for g in optimizer.param_groups:
@@ -721,7 +721,7 @@ def evaluate(module, builder: SampleBuilder, cfg: TrainConfig, layout: TokenLayo
             text_sum, audio_sums = _call(module, b, return_sums=True)
         acc[0] += float(text_sum) * scale
         acc[1:S] += audio_sums.double().cpu() * scale
-        acc[S:] += count_targets(b.targets).cpu() * scale
+        acc[S:] += count_targets(b.targets, cfg.text_norm).cpu() * scale
     acc = _reduce(acc, info)
     _, parts = combine_sums(acc[0], acc[1:S], acc[S:], cfg.loss)
     module.train(was)

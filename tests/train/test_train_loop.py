@@ -134,6 +134,19 @@ def test_batch_plan_is_deterministic_and_weighted():
     assert plan.epoch(1) != e0
 
 
+def test_batch_plan_caps_token_buckets_at_max_batch():
+    lengths = [16] * 40 + [200] * 8          # many short records, a few long ones
+    plain = BatchPlan([1.0] * 48, lengths, TrainConfig.from_dict(dict(batch=dict(batch_tokens=640), seed=1)))
+    capped = BatchPlan([1.0] * 48, lengths,
+                       TrainConfig.from_dict(dict(batch=dict(batch_tokens=640, max_batch=8), seed=1)))
+    assert max(len(b) for b in plain.epoch(0)) == 40                      # 40 x 16 = 640 tokens
+    sizes = sorted(len(b) for b in capped.epoch(0))
+    assert max(sizes) == 8 and sum(sizes) == 48 and sizes.count(8) == 5   # the short ones: 5 steps, not 1
+    assert sorted(i for b in capped.epoch(0) for i in b) == list(range(48))
+    with pytest.raises(TrainConfigError, match="batch.max_batch must be >= 1"):
+        TrainConfig.from_dict(dict(batch=dict(batch_tokens=640, max_batch=0)))
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(TrainConfigError, match="unknown key"):
         TrainConfig.from_dict(dict(optim=dict(learning_rate=1)))

@@ -133,3 +133,42 @@ def test_text_answer_gives_no_audio_gradient_signal():
     loss, _ = forward_loss(lm, b.ids, b.targets, b.audio_feats, b.audio_index, b.image_feats, b.image_index,
                            weights={"text": 0.0, "audio": 1.0})
     assert loss == 0
+
+
+def test_sample_text_norm_weighs_every_sample_the_same():
+    torch.manual_seed(4)
+    B, T, Vt, Va = 3, 6, 320, 128
+    tl, al = torch.randn(B, T, Vt), torch.randn(B, T, 7, Va)
+    tg = torch.full((B, 8, T), IGNORE)
+    tg[0, 7, 1:] = torch.randint(0, Vt, (5,))   # a long transcript: 5 text targets
+    tg[1, 7, 4] = 7                             # a one-token answer
+    # item 2 has no text targets: it must not count as a sample
+    loss, parts = omni_loss(tl, al, tg, norm=None, text_norm="sample")
+    per_item = [F.cross_entropy(tl[b], tg[b, 7], ignore_index=IGNORE) for b in (0, 1)]
+    assert torch.allclose(parts["text"], (per_item[0] + per_item[1]) / 2, atol=1e-6)
+    token, _ = omni_loss(tl, al, tg)            # the default: mean over the 6 tokens
+    assert torch.allclose(token, F.cross_entropy(tl.reshape(-1, Vt), tg[:, 7].reshape(-1), ignore_index=IGNORE))
+    assert not torch.allclose(token, loss)
+    assert count_targets(tg, "sample")[-1] == 2 and count_targets(tg)[-1] == 6
+
+
+def test_sample_text_norm_gathered_forward_and_micro_batches():
+    lm = _model(5)
+    samples = _batch(2, seed=6)
+    full = collate(samples, LAYOUT, 8, 16, 12)
+    ref, ref_parts = omni_loss(*_full_reference(lm, samples, full), full.targets, text_norm="sample")
+    halves = [collate(samples[:5], LAYOUT, 8, 16, 12), collate(samples[5:], LAYOUT, 8, 16, 12)]
+    norm = sum(count_targets(h.targets, "sample") for h in halves)
+    assert torch.equal(norm, count_targets(full.targets, "sample"))
+    total = sum(forward_loss(lm, h.ids, h.targets, h.audio_feats, h.audio_index, h.image_feats, h.image_index,
+                             norm=norm, head_chunk=3, text_norm="sample")[0] for h in halves)
+    assert torch.allclose(total, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_text_norm_is_refused():
+    import pytest
+
+    from omnitalk.train.config import TrainConfig, TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="loss.text_norm must be 'token'.*got 'frame'"):
+        TrainConfig.from_dict({"loss": {"text": 1.0, "audio": 1.0, "text_norm": "frame"}})
