@@ -48,6 +48,9 @@ class Config:
     whisper_adapter_dim: int = 768
     vision_adapter_dim: int = 512
     asr_adapter: str = "llamamlp"
+    # our extension: Whisper frames averaged into one LLM position before the adapter (1 = the release's
+    # 50 positions per second; a small model learns much faster from a shorter speech sequence)
+    audio_pool: int = 1
     # everything else from the YAML, kept so it can be written back unchanged
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -65,6 +68,9 @@ class Config:
         if self.padded_vocab_size != expect:
             problems.append(f"padded_vocab_size {self.padded_vocab_size} != text_vocab_size + "
                             f"{self.n_audio_layers} * audio_vocab_size = {expect}")
+        if not isinstance(self.audio_pool, int) or self.audio_pool < 1:
+            problems.append(f"audio_pool must be a whole number >= 1 (Whisper frames per LLM position; 1 = "
+                            f"the release), got {self.audio_pool!r}")
         if self.asr_adapter != "llamamlp":
             problems.append(f"asr_adapter {self.asr_adapter!r} is not supported (only 'llamamlp' was released)")
         if problems:
@@ -86,10 +92,11 @@ class Config:
         return cls.from_dict(read_yaml_mapping(path, "model config"))
 
     def to_dict(self) -> dict:
-        """The YAML fields. Our own fields (n_audio_layers, n_specials) only when they differ from the
-        release, so a written file stays readable by the official code."""
+        """The YAML fields. Our own fields (n_audio_layers, n_specials, audio_pool) only when they differ
+        from the release, so a written file stays readable by the official code."""
+        ours = ("n_audio_layers", "n_specials", "audio_pool")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name != "extra" and not (f.name in ("n_audio_layers", "n_specials") and getattr(self, f.name) == f.default)}
+             if f.name != "extra" and not (f.name in ours and getattr(self, f.name) == f.default)}
         return {**self.extra, **d}
 
     def to_yaml(self, path: str | Path) -> None:

@@ -313,6 +313,8 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
            "intermediate_size": m["intermediate_size"], "text_vocab_size": text_vocab, "audio_vocab_size": 4160,
            "whisper_adapter_dim": rc["whisper"]["width"], "vision_adapter_dim": rc["clip"]["output_dim"],
            "block_size": m["block_size"]}
+    if m.get("audio_pool", 1) != 1:
+        cfg["audio_pool"] = m["audio_pool"]
     sec = {"preset": "mini-omni2", "config": cfg, "tokenizer": str(world / "tokenizer.json"),
            "init_std": m.get("init_std", 0.02)}
     if init is None:

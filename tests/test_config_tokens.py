@@ -30,10 +30,19 @@ def test_preset_equals_released_file():
     (dict(n_query_groups=4), "not a multiple of n_query_groups"),
     (dict(padded_vocab_size=5), "padded_vocab_size 5"),
     (dict(asr_adapter="mlp"), "asr_adapter 'mlp'"),
+    (dict(audio_pool=0), "audio_pool must be a whole number >= 1.*got 0"),
 ])
 def test_invalid_configs_are_named(bad, msg):
     with pytest.raises(CheckpointError, match=msg):
         Config(**bad).validate()
+
+
+def test_audio_pool_is_written_only_when_not_the_release(tmp_path):
+    assert "audio_pool" not in preset("mini-omni2").to_dict()   # the released layout: file unchanged
+    cfg = Config(**{**preset("tiny").to_dict(), "audio_pool": 4})
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["audio_pool"] == 4
+    assert Config.from_file(tmp_path / "c.yaml").audio_pool == 4
 
 
 def test_config_file_errors(tmp_path):

@@ -145,6 +145,22 @@ def test_random_tiny_model_runs_every_mode():
     assert r.tokens.shape == (8, 16)
 
 
+def test_audio_pool_shortens_the_speech_prompt():
+    from omnitalk import audio as audio_io
+    from omnitalk.config import Config, preset
+    from omnitalk.model.whisper import features, pool_frames
+
+    plain = OmniModel.from_random("tiny", seed=3)
+    pooled = OmniModel.from_random(Config(**{**preset("tiny").to_dict(), "audio_pool": 4}), seed=3)
+    a, b = plain.audio_features(WAV), pooled.audio_features(WAV)
+    assert a.shape[0] == 149 and b.shape[0] == 38                 # ceil(149 / 4)
+    x = features(pooled.whisper, audio_io.load_audio(WAV), pooled.whisper_window)  # (149, d) before pooling
+    assert torch.allclose(b, pooled.lm.whisper_adapter(pool_frames(x, 4)), atol=1e-6)
+    ra, rb = plain.request(audio=WAV), pooled.request(audio=WAV)
+    assert ra.prompts[0].length - rb.prompts[0].length == 149 - 38
+    assert pooled.generate(audio=WAV, max_tokens=12).tokens.shape == (8, 12)
+
+
 def test_trimmed_whisper_window_is_opt_in(model):
     exact = model.audio_features(WAV)
     model.whisper_window = "trimmed"

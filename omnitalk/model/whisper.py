@@ -122,6 +122,20 @@ def trimmed_mel(audio) -> Tensor:
     return F.pad(mel, (0, 2 * L - mel.size(-1)), value=float(mel.min()))
 
 
+def pool_frames(feats: Tensor, k: int) -> Tensor:
+    """(L, d) encoder features -> (ceil(L / k), d): the mean of each run of k consecutive frames (the last
+    run averages the frames it has). k = 1 returns the input unchanged (the release's layout)."""
+    if k == 1:
+        return feats
+    L = feats.shape[0]
+    n = -(-L // k)
+    sums = torch.zeros(n, *feats.shape[1:], dtype=feats.dtype, device=feats.device)
+    sums.index_add_(0, torch.arange(L, device=feats.device) // k, feats)
+    counts = torch.full((n,), float(k), dtype=feats.dtype, device=feats.device)
+    counts[-1] = L - (n - 1) * k
+    return sums / counts.view(-1, *([1] * (feats.dim() - 1)))
+
+
 def features(encoder: AudioEncoder, audio, window: str | None = None) -> Tensor:
     """16 kHz speech (float array) -> encoder features (L, d) for the L = num_whisper_frames(len) frames
     the LLM takes. window 'exact' runs the padded 30-s window as the release does (parity); 'trimmed'

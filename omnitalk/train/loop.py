@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from omnitalk.config import Config, preset as make_preset
+from omnitalk.model.whisper import pool_frames
 from omnitalk.tokens import TokenLayout
 from omnitalk.train import dist as D
 from omnitalk.train.config import TrainConfig
@@ -309,14 +310,15 @@ def _task_weight(task: str | None, cfg: TrainConfig) -> float:
 class SampleBuilder:
     """Record index -> TrainSample, with encoder features from the feature source."""
 
-    def __init__(self, records: list[dict], layout: TokenLayout, tokenizer, features):
+    def __init__(self, records: list[dict], layout: TokenLayout, tokenizer, features, audio_pool: int = 1):
         self.records, self.layout, self.tokenizer, self.features = records, layout, tokenizer, features
+        self.audio_pool = audio_pool  # the model's Config.audio_pool: cached Whisper frames are pooled here
 
     def __call__(self, i: int) -> TrainSample:
         r = self.records[i]
         af = vf = None
         if r.get("question_audio") is not None and r.get("task") != "interrupt":
-            af = self.features.audio(r["question_audio"])
+            af = pool_frames(self.features.audio(r["question_audio"]), self.audio_pool)
         if r.get("question_image") is not None and r.get("task") != "interrupt":
             vf = self.features.image(r["question_image"])
         return build_sample(r, self.layout, self.tokenizer, af, vf)
@@ -557,7 +559,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
         if any(r.get("task") == "interrupt" and w > 0 for r, w in zip(recs, weights)):
             # the exported model_config.yaml says so: servers use its listening item for "stop omni"
             mcfg.extra["interrupt_trained"] = True
-        builder = SampleBuilder(recs, layout, tokenizer, feats)
+        builder = SampleBuilder(recs, layout, tokenizer, feats, mcfg.audio_pool)
         max_len = min(cfg.data.max_len or mcfg.block_size, mcfg.block_size)
         lengths, bad = _lengths(builder, len(recs), max_len, info.is_main, cfg.progress)
         for i in bad:
@@ -568,7 +570,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
         eval_builder = None
         if eval_entries and cfg.eval_every:
             erecs, _ = load_sources(eval_entries, cfg)
-            eval_builder = SampleBuilder(erecs, layout, tokenizer, feats)
+            eval_builder = SampleBuilder(erecs, layout, tokenizer, feats, mcfg.audio_pool)
             _, ebad = _lengths(eval_builder, len(erecs), max_len, info.is_main, cfg.progress)
             ebad = set(ebad)
             eval_builder.records = [r for i, r in enumerate(erecs) if i not in ebad]

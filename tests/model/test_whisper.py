@@ -145,3 +145,15 @@ def test_window_read_from_checkpoint_and_used_by_features(tmp_path, encoder):
         load_whisper_encoder(tmp_path / "bad.pt")
     with pytest.raises(InputError, match="unknown whisper window"):
         features(encoder, x, window="half")
+
+
+def test_pool_frames_averages_runs_of_k():
+    from omnitalk.model.whisper import pool_frames
+
+    x = torch.arange(14, dtype=torch.float32).view(7, 2)   # 7 frames of width 2
+    assert pool_frames(x, 1) is x
+    y = pool_frames(x, 3)                                   # runs [0..2], [3..5], [6]
+    assert y.shape == (3, 2)
+    assert torch.equal(y, torch.stack([x[0:3].mean(0), x[3:6].mean(0), x[6:7].mean(0)]))
+    assert torch.equal(pool_frames(x, 7), x.mean(0, keepdim=True))
+    assert pool_frames(x, 10).shape == (1, 2)

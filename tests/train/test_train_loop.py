@@ -289,3 +289,19 @@ def test_sigterm_under_torchrun_saves_and_exits_0(tmp_path):
     assert (ck / name / "state.pt").is_file()
     step = int(name.split("-")[1])
     assert step >= 2 and max(r["step"] for r in read_jsonl(metrics)) == step
+
+
+def test_sample_builder_pools_audio_like_the_engine():
+    """With Config.audio_pool = k the cached Whisper frames are averaged k at a time before the adapter,
+    so a training sample has the prompt the engine builds: ceil(L / k) audio positions."""
+    from omnitalk.model.whisper import pool_frames
+    from omnitalk.train.loop import SampleBuilder
+    from test_train_sequences import LAYOUT, TOK
+
+    recs, feats = synthetic(3, tasks=("qa_speech", "asr"))
+    plain, pooled = SampleBuilder(recs, LAYOUT, TOK, feats), SampleBuilder(recs, LAYOUT, TOK, feats, audio_pool=2)
+    for i, r in enumerate(recs):
+        L = feats.audio(r["question_audio"]).shape[0]
+        a, b = plain(i), pooled(i)
+        assert a.length - b.length == L - math.ceil(L / 2)
+        assert torch.equal(b.slots[0].feats, pool_frames(feats.audio(r["question_audio"]), 2))
