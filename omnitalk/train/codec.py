@@ -470,9 +470,9 @@ def evaluate_codec(codec, items: Sequence[Utterance], recognizer=None, mel_loss:
                    out_wav_dir: Path | None = None) -> dict:
     """Encode + decode (noise off) every item; per group: multi-scale mel distance, and with a recogniser
     the WER of its transcripts of the decoded and of the original audio against the item's text."""
-    from omnitalk.eval.metrics import corpus_wer
-
     import soundfile as sf
+
+    from omnitalk.eval.metrics import corpus_wer
 
     mel_loss = mel_loss or MultiScaleMelLoss()
     if out_wav_dir is not None:

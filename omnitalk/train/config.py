@@ -30,6 +30,8 @@ STAGE_PARAMS: dict[int, tuple[str, ...]] = {
 }
 # (lr, min_lr) per stage: the authors' schedule (reference §11.2, M1#112)
 STAGE_LR: dict[int, tuple[float, float]] = {1: (1e-3, 4e-6), 2: (4e-4, 4e-6), 3: (4e-4, 4e-6)}
+# loss.text_norm: the text CE averaged over text tokens, or per sample first (omnitalk.train.losses)
+TEXT_NORMS = ("token", "sample")
 
 
 class TrainConfigError(ValueError):
@@ -149,7 +151,7 @@ class TrainConfig:
             problems.append("optim.steps must be >= 1")
         if set(self.loss) - {"text", "audio", "text_norm"}:
             problems.append(f"loss keys are 'text', 'audio' (weights) and 'text_norm', got {sorted(self.loss)}")
-        if self.text_norm not in ("token", "sample"):
+        if self.text_norm not in TEXT_NORMS:
             problems.append(f"loss.text_norm must be 'token' (mean over text tokens) or 'sample' (mean over "
                             f"samples of each sample's mean), got {self.text_norm!r}")
         if problems:

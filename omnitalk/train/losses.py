@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from omnitalk.train.config import TEXT_NORMS
 from omnitalk.train.sequences import IGNORE
 
 DEFAULT_WEIGHTS = {"text": 1.0, "audio": 1.0}
-TEXT_NORMS = ("token", "sample")
 
 
 def count_targets(targets: torch.Tensor, text_norm: str = "token") -> torch.Tensor:
