@@ -177,6 +177,7 @@ def source_tensors(src: str | Path) -> dict[str, torch.Tensor]:
     whisper = read_torch_file(src / "small.pt")
     out |= {f"whisper.{k[len('encoder.'):]}": v for k, v in whisper["model_state_dict"].items()
             if k.startswith("encoder.")}
+    out |= {f"whisper.ctc_head.{k}": v for k, v in (whisper.get("ctc_head") or {}).items()}  # omnitalk's addition
     clip_file = next(src / f for f in CLIP_FILES if (src / f).is_file())
     clip = load_file(str(clip_file)) if clip_file.suffix == ".safetensors" else read_state_dict(clip_file)
     out |= {f"clip.{k[len('visual.'):]}": v for k, v in clip.items() if k.startswith("visual.")}

@@ -51,6 +51,9 @@ class Config:
     # our extension: Whisper frames averaged into one LLM position before the adapter (1 = the release's
     # 50 positions per second; a small model learns much faster from a shorter speech sequence)
     audio_pool: int = 1
+    # our extension: "ctc" merges the Whisper frames into one position per run of equal labels of the
+    # encoder's CTC head (small.pt's "ctc_head", written by the small recipe's stage 0); "none" = release
+    audio_compress: str = "none"
     # everything else from the YAML, kept so it can be written back unchanged
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -71,6 +74,9 @@ class Config:
         if not isinstance(self.audio_pool, int) or self.audio_pool < 1:
             problems.append(f"audio_pool must be a whole number >= 1 (Whisper frames per LLM position; 1 = "
                             f"the release), got {self.audio_pool!r}")
+        if self.audio_compress not in ("none", "ctc"):
+            problems.append(f"audio_compress must be 'none' (the release) or 'ctc' (merge frames by the Whisper "
+                            f"checkpoint's CTC head), got {self.audio_compress!r}")
         if self.asr_adapter != "llamamlp":
             problems.append(f"asr_adapter {self.asr_adapter!r} is not supported (only 'llamamlp' was released)")
         if problems:
@@ -92,9 +98,9 @@ class Config:
         return cls.from_dict(read_yaml_mapping(path, "model config"))
 
     def to_dict(self) -> dict:
-        """The YAML fields. Our own fields (n_audio_layers, n_specials, audio_pool) only when they differ
-        from the release, so a written file stays readable by the official code."""
-        ours = ("n_audio_layers", "n_specials", "audio_pool")
+        """The YAML fields. Our own fields (n_audio_layers, n_specials, audio_pool, audio_compress) only when
+        they differ from the release, so a written file stays readable by the official code."""
+        ours = ("n_audio_layers", "n_specials", "audio_pool", "audio_compress")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name != "extra" and not (f.name in ours and getattr(self, f.name) == f.default)}
         return {**self.extra, **d}

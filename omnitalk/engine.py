@@ -27,7 +27,7 @@ from omnitalk.generate import Sampling, Step, decode, shared_prefix
 from omnitalk.kernels import native_bf16
 from omnitalk.model.clip import VisionTransformer, infer_vision_dims, load_clip_vision
 from omnitalk.model.llm import OmniLM
-from omnitalk.model.whisper import AudioEncoder, features as whisper_features, load_whisper_encoder, pool_frames
+from omnitalk.model.whisper import AudioEncoder, features as whisper_features, load_whisper_encoder, speech_positions
 from omnitalk.tokenizer import StreamingText, TextTokenizer
 from omnitalk.tokens import TokenLayout
 
@@ -200,11 +200,11 @@ class OmniModel:
     @torch.inference_mode()
     def audio_features(self, audio, sr: int | None = None) -> torch.Tensor:
         """Speech (path, file bytes, or float array with `sr`) -> adapter output (L, C), 50 per second
-        (50 / cfg.audio_pool with pooling)."""
+        (50 / cfg.audio_pool with pooling; one per run of equal CTC labels with audio_compress: ctc)."""
         x = audio_io.load_audio(audio, sr=sr)
         audio_io.check_duration(x)
         feats = whisper_features(self.whisper, x, self.whisper_window)  # (L, d_whisper)
-        feats = pool_frames(feats, self.cfg.audio_pool)                 # (ceil(L / k), d_whisper)
+        feats = speech_positions(feats, self.whisper, self.cfg.audio_pool, self.cfg.audio_compress)  # (n, d_whisper)
         return self.lm.whisper_adapter(feats.to(self.lm.act_dtype))
 
     @torch.inference_mode()

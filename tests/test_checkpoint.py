@@ -135,3 +135,43 @@ def test_clip_from_transformers_layout_is_the_same_model():
     model = _clip_from_state_dict(back, "cpu")
     x = torch.randn(1, 3, 224, 224)
     assert torch.allclose(model(x), load_clip_vision(CKPT / "ViT-B-32.pt")(x))
+
+
+def test_ctc_compressed_checkpoint_runs_and_converts(copy, tmp_path):
+    """A checkpoint whose model_config.yaml says audio_compress: ctc and whose small.pt carries a CTC head
+    (as the small recipe's stage 0 writes it): the speech prompt has one position per run of equal CTC
+    labels, and the safetensors conversion keeps the head (verified tensor for tensor, same tokens)."""
+    import yaml
+
+    from omnitalk import audio as audio_io
+    from omnitalk.model.whisper import ctc_compress, features, load_whisper_encoder
+    from omnitalk.train.stage0 import CTCHead, save_audio_encoder
+
+    wav = FIX / "inputs" / "question.wav"
+    enc = load_whisper_encoder(copy / "small.pt")
+    torch.manual_seed(0)
+    head = CTCHead(enc.dims.n_audio_state, 3)
+    with torch.no_grad():
+        head.proj.weight.mul_(40)          # a random head with runs of a few frames, as a trained one has
+    save_audio_encoder(copy / "small.pt", enc, head)
+    cfg = yaml.safe_load((copy / "model_config.yaml").read_text())
+    (copy / "model_config.yaml").write_text(yaml.safe_dump({**cfg, "audio_compress": "ctc"}))
+
+    m = OmniModel.from_pretrained(copy, download=False)
+    x = features(m.whisper, audio_io.load_audio(wav), m.whisper_window)       # (L, d) frames
+    merged = ctc_compress(x, head(x).argmax(-1))
+    assert 1 < merged.shape[0] < x.shape[0]
+    torch.testing.assert_close(m.audio_features(wav), m.lm.whisper_adapter(merged))
+    plain = OmniModel.from_pretrained(CKPT, download=False)
+    plain.whisper_window = m.whisper_window                                   # "trimmed", from small.pt
+    assert plain.request(audio=wav).prompts[0].length - m.request(audio=wav).prompts[0].length \
+        == x.shape[0] - merged.shape[0]
+
+    out = tmp_path / "ours"
+    ck.convert(copy, out)
+    assert ck.verify_conversion(copy, out) > 0
+    b = OmniModel.from_pretrained(out, download=False)
+    torch.testing.assert_close(b.whisper.ctc_head.weight, m.whisper.ctc_head.weight, rtol=0, atol=0)
+    ra = m.generate(audio=wav, max_tokens=12, decode_audio=False)
+    rb = b.generate(audio=wav, max_tokens=12, decode_audio=False)
+    assert (ra.tokens == rb.tokens).all()

@@ -31,6 +31,7 @@ def test_preset_equals_released_file():
     (dict(padded_vocab_size=5), "padded_vocab_size 5"),
     (dict(asr_adapter="mlp"), "asr_adapter 'mlp'"),
     (dict(audio_pool=0), "audio_pool must be a whole number >= 1.*got 0"),
+    (dict(audio_compress="mean"), "audio_compress must be 'none'.*or 'ctc'.*got 'mean'"),
 ])
 def test_invalid_configs_are_named(bad, msg):
     with pytest.raises(CheckpointError, match=msg):
@@ -43,6 +44,13 @@ def test_audio_pool_is_written_only_when_not_the_release(tmp_path):
     cfg.to_yaml(tmp_path / "c.yaml")
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["audio_pool"] == 4
     assert Config.from_file(tmp_path / "c.yaml").audio_pool == 4
+
+
+def test_audio_compress_is_written_only_when_not_the_release(tmp_path):
+    assert "audio_compress" not in preset("mini-omni2").to_dict()
+    Config(**{**preset("tiny").to_dict(), "audio_compress": "ctc"}).to_yaml(tmp_path / "c.yaml")
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["audio_compress"] == "ctc"
+    assert Config.from_file(tmp_path / "c.yaml").audio_compress == "ctc"
 
 
 def test_config_file_errors(tmp_path):

@@ -136,6 +136,46 @@ def pool_frames(feats: Tensor, k: int) -> Tensor:
     return sums / counts.view(-1, *([1] * (feats.dim() - 1)))
 
 
+def ctc_compress(feats: Tensor, labels: Tensor) -> Tensor:
+    """(L, d) encoder features + (L,) frame labels -> (n, d): one position per run of equal consecutive
+    labels, the mean of its frames (CTC compression, Gaido et al. 2021, "avg"; runs of the blank label are
+    kept as positions too, so a word the CTC head missed still reaches the LLM inside its blank run).
+    With the labels of a CTC head over words, a spoken question becomes about two positions per word
+    instead of 50 per second."""
+    L = feats.shape[0]
+    if labels.shape != (L,):
+        raise ValueError(f"ctc_compress: labels of shape {tuple(labels.shape)} for {L} frames; expected ({L},)")
+    if L == 0:
+        return feats
+    starts = torch.ones(L, dtype=torch.bool, device=feats.device)
+    starts[1:] = labels[1:] != labels[:-1]
+    run = torch.cumsum(starts.long(), 0) - 1                         # (L,) run index of every frame
+    n = int(run[-1]) + 1
+    sums = torch.zeros(n, *feats.shape[1:], dtype=feats.dtype, device=feats.device).index_add_(0, run, feats)
+    counts = torch.bincount(run, minlength=n).to(feats.dtype)
+    return sums / counts.view(-1, *([1] * (feats.dim() - 1)))
+
+
+COMPRESS = ("none", "ctc")
+
+
+def speech_positions(feats: Tensor, encoder: AudioEncoder | None, pool: int = 1, compress: str = "none") -> Tensor:
+    """Encoder features (L, d) -> what the LLM's whisper_adapter takes for them: unchanged (the release),
+    averaged `pool` frames at a time (Config.audio_pool), or merged by the encoder's CTC head
+    (Config.audio_compress 'ctc': `ctc_compress` with the head's best label per frame)."""
+    if compress == "ctc":
+        head = getattr(encoder, "ctc_head", None)
+        if head is None:
+            raise CheckpointError("the model config says audio_compress: ctc, but the Whisper checkpoint "
+                                  "(small.pt) has no 'ctc_head'; use the small.pt that stage 0 of the training "
+                                  "recipe wrote with its CTC head, or set audio_compress: none")
+        labels = head(feats.to(head.weight.dtype)).argmax(-1)
+        feats = ctc_compress(feats, labels)
+    elif compress != "none":
+        raise ValueError(f"unknown audio_compress {compress!r}; use one of {COMPRESS}")
+    return pool_frames(feats, pool)
+
+
 def features(encoder: AudioEncoder, audio, window: str | None = None) -> Tensor:
     """16 kHz speech (float array) -> encoder features (L, d) for the L = num_whisper_frames(len) frames
     the LLM takes. window 'exact' runs the padded 30-s window as the release does (parity); 'trimmed'
@@ -200,6 +240,8 @@ def load_whisper_encoder(path, device="cpu", dtype: torch.dtype = torch.float32)
                               f"'model_state_dict' (like small.pt), found {found}")
     dims = WhisperDims.from_dict(ckpt["dims"])
     sd = {k[len("encoder."):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith("encoder.")}
+    # the CTC head: small.pt's top-level "ctc_head", or "ctc_head.*" tensors (our safetensors layout)
+    head = {k[len("ctc_head."):]: sd.pop(k) for k in list(sd) if k.startswith("ctc_head.")} or ckpt.get("ctc_head")
     if not sd:
         raise CheckpointError(f"{where} has no 'encoder.*' tensors; expected an OpenAI whisper checkpoint")
 
@@ -220,6 +262,23 @@ def load_whisper_encoder(path, device="cpu", dtype: torch.dtype = torch.float32)
     if window not in WINDOWS:
         raise CheckpointError(f"{where}: unknown 'window' {window!r}; expected one of {WINDOWS}")
     encoder.load_state_dict(sd, strict=True, assign=True)
-    encoder = encoder.to(device).eval()
+    if head is not None:
+        encoder.ctc_head = _ctc_head(head, dims, where)
+    encoder = encoder.to(device=device, dtype=dtype).eval()
     encoder.window = window
     return encoder
+
+
+def _ctc_head(d, dims: WhisperDims, where: str) -> nn.Linear:
+    """omnitalk's optional top-level "ctc_head" of small.pt ({"weight" (V+1, d), "bias" (V+1,)}, the last
+    class the blank) as a Linear: frame features -> CTC label logits."""
+    w, b = (d.get(k) if isinstance(d, Mapping) else None for k in ("weight", "bias"))
+    if not (torch.is_tensor(w) and torch.is_tensor(b) and w.dim() == 2 and w.shape[1] == dims.n_audio_state
+            and b.shape == (w.shape[0],)):
+        raise CheckpointError(f"{where}: 'ctc_head' must hold 'weight' (classes, {dims.n_audio_state}) and 'bias' "
+                              "(classes,) tensors, as stage 0 of the training recipe writes them")
+    head = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return head.requires_grad_(False)

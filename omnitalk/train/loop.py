@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from omnitalk.config import Config, preset as make_preset
-from omnitalk.model.whisper import pool_frames
+from omnitalk.model.whisper import speech_positions
 from omnitalk.tokens import TokenLayout
 from omnitalk.train import dist as D
 from omnitalk.train.config import TrainConfig
@@ -310,15 +310,20 @@ def _task_weight(task: str | None, cfg: TrainConfig) -> float:
 class SampleBuilder:
     """Record index -> TrainSample, with encoder features from the feature source."""
 
-    def __init__(self, records: list[dict], layout: TokenLayout, tokenizer, features, audio_pool: int = 1):
+    def __init__(self, records: list[dict], layout: TokenLayout, tokenizer, features, audio_pool: int = 1,
+                 audio_compress: str = "none"):
         self.records, self.layout, self.tokenizer, self.features = records, layout, tokenizer, features
-        self.audio_pool = audio_pool  # the model's Config.audio_pool: cached Whisper frames are pooled here
+        # the model's Config.audio_pool / audio_compress: cached Whisper frames are pooled or merged here,
+        # as the engine does (omnitalk.model.whisper.speech_positions; 'ctc' uses the cache's encoder's head)
+        self.audio_pool, self.audio_compress = audio_pool, audio_compress
+        self.whisper = getattr(getattr(features, "model", None), "whisper", None) if audio_compress != "none" else None
 
     def __call__(self, i: int) -> TrainSample:
         r = self.records[i]
         af = vf = None
         if r.get("question_audio") is not None and r.get("task") != "interrupt":
-            af = pool_frames(self.features.audio(r["question_audio"]), self.audio_pool)
+            af = speech_positions(self.features.audio(r["question_audio"]), self.whisper, self.audio_pool,
+                                  self.audio_compress)
         if r.get("question_image") is not None and r.get("task") != "interrupt":
             vf = self.features.image(r["question_image"])
         return build_sample(r, self.layout, self.tokenizer, af, vf)
@@ -559,7 +564,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
         if any(r.get("task") == "interrupt" and w > 0 for r, w in zip(recs, weights)):
             # the exported model_config.yaml says so: servers use its listening item for "stop omni"
             mcfg.extra["interrupt_trained"] = True
-        builder = SampleBuilder(recs, layout, tokenizer, feats, mcfg.audio_pool)
+        builder = SampleBuilder(recs, layout, tokenizer, feats, mcfg.audio_pool, mcfg.audio_compress)
         max_len = min(cfg.data.max_len or mcfg.block_size, mcfg.block_size)
         lengths, bad = _lengths(builder, len(recs), max_len, info.is_main, cfg.progress)
         for i in bad:
@@ -570,7 +575,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
         eval_builder = None
         if eval_entries and cfg.eval_every:
             erecs, _ = load_sources(eval_entries, cfg)
-            eval_builder = SampleBuilder(erecs, layout, tokenizer, feats, mcfg.audio_pool)
+            eval_builder = SampleBuilder(erecs, layout, tokenizer, feats, mcfg.audio_pool, mcfg.audio_compress)
             _, ebad = _lengths(eval_builder, len(erecs), max_len, info.is_main, cfg.progress)
             ebad = set(ebad)
             eval_builder.records = [r for i, r in enumerate(erecs) if i not in ebad]

@@ -14,7 +14,9 @@ asked about, then freezes it for stages 1-3 exactly as the paper freezes Whisper
 - vision: the CLIP `VisionTransformer` + linear heads on the mean of its 50 output tokens, predicting
   how many of each shape a freshly drawn scene holds and which (shape, colour) pairs it shows.
 
-The heads are thrown away; only the encoders are kept (saved in the official file layouts).
+The vision heads are thrown away. The CTC head is returned with the encoder: a model whose config says
+`audio_compress: ctc` uses it to merge the encoder's frames into one position per run of equal CTC
+labels (omnitalk.model.whisper.ctc_compress), and `save_audio_encoder` stores it in `small.pt`.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class Stage0Result:
     seconds: float
     losses: list          # (step, loss) every log_every steps
     metrics: dict         # held-out measurements of the head (frame/word accuracy)
+    head: nn.Module | None = None  # the trained head (the CTC head of the audio encoder)
 
 
 def fit(encoder: nn.Module, head: nn.Module, batch_loss: Callable[[], torch.Tensor], *, steps: int, lr: float,
@@ -201,7 +204,26 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
     metrics = ctc_word_error(encoder, head, held_out, encode_text) if held_out else {}
     if held_out:  # the same on as many training utterances, unaugmented: fitting vs generalising
         metrics["train"] = ctc_word_error(encoder, head, items[:len(held_out)], encode_text)
-    return Stage0Result(done, seconds, losses, metrics)
+    return Stage0Result(done, seconds, losses, metrics, head.eval().requires_grad_(False))
+
+
+def save_audio_encoder(path, encoder, head: CTCHead | None = None) -> None:
+    """Write a stage-0 audio encoder in OpenAI's small.pt layout ({"dims", "model_state_dict"}) with
+    omnitalk's two top-level additions, which OpenAI's loader ignores: `"window": "trimmed"` (how it was
+    trained to run) and, with `head`, `"ctc_head": {"weight" (V+1, d), "bias" (V+1,)}` (the last class is
+    the blank), which omnitalk.model.whisper.load_whisper_encoder attaches as `encoder.ctc_head`.
+    Written to a new file and renamed over `path` (the old file may be memory-mapped by a loaded model)."""
+    import dataclasses
+    from pathlib import Path
+
+    path = Path(path)
+    obj = {"dims": dataclasses.asdict(encoder.dims), "window": "trimmed",
+           "model_state_dict": {f"encoder.{k}": v.detach().clone() for k, v in encoder.state_dict().items()}}
+    if head is not None:
+        obj["ctc_head"] = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 @torch.no_grad()

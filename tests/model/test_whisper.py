@@ -157,3 +157,59 @@ def test_pool_frames_averages_runs_of_k():
     assert torch.equal(y, torch.stack([x[0:3].mean(0), x[3:6].mean(0), x[6:7].mean(0)]))
     assert torch.equal(pool_frames(x, 7), x.mean(0, keepdim=True))
     assert pool_frames(x, 10).shape == (1, 2)
+
+
+def test_ctc_compress_merges_runs_of_equal_labels():
+    from omnitalk.model.whisper import ctc_compress
+
+    x = torch.arange(16, dtype=torch.float32).view(8, 2)    # 8 frames of width 2
+    labels = torch.tensor([5, 5, 0, 0, 0, 5, 2, 2])          # runs [0,1] [2..4] [5] [6,7]
+    y = ctc_compress(x, labels)
+    assert torch.equal(y, torch.stack([x[0:2].mean(0), x[2:5].mean(0), x[5], x[6:8].mean(0)]))
+    assert torch.equal(ctc_compress(x, torch.zeros(8, dtype=torch.long)), x.mean(0, keepdim=True))
+    assert torch.equal(ctc_compress(x, torch.arange(8)), x)          # every frame its own run
+    with pytest.raises(ValueError, match="labels of shape \\(7,\\) for 8 frames"):
+        ctc_compress(x, labels[:7])
+
+
+def _encoder_with_head(tmp_path, n_words=5):
+    from omnitalk.train.stage0 import CTCHead, save_audio_encoder
+
+    torch.manual_seed(0)
+    enc = AudioEncoder(WhisperDims(80, 1500, 16, 2, 1))
+    head = CTCHead(16, n_words)
+    save_audio_encoder(tmp_path / "small.pt", enc, head)
+    return enc, head
+
+
+def test_ctc_head_travels_in_small_pt_and_drives_speech_positions(tmp_path):
+    from omnitalk.model.whisper import ctc_compress, speech_positions
+
+    enc, head = _encoder_with_head(tmp_path)
+    loaded = load_whisper_encoder(tmp_path / "small.pt")
+    assert loaded.window == "trimmed"
+    torch.testing.assert_close(loaded.ctc_head.weight, head.proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.ctc_head.bias, head.proj.bias, rtol=0, atol=0)
+    ckpt = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert sorted(ckpt) == ["ctc_head", "dims", "model_state_dict", "window"]   # OpenAI's keys + ours
+    assert not any("ctc" in k for k in ckpt["model_state_dict"])                 # OpenAI's loader stays strict-clean
+
+    feats = torch.randn(40, 16)
+    labels = head(feats).argmax(-1)
+    out = speech_positions(feats, loaded, compress="ctc")
+    assert torch.equal(out, ctc_compress(feats, labels))
+    assert out.shape[0] == 1 + int((labels[1:] != labels[:-1]).sum())
+    assert speech_positions(feats, loaded) is feats                               # 'none': the release
+    with pytest.raises(CheckpointError, match="no 'ctc_head'.*audio_compress: none"):
+        speech_positions(feats, load_whisper_encoder(CKPT), compress="ctc")
+    with pytest.raises(ValueError, match="unknown audio_compress 'mean'"):
+        speech_positions(feats, loaded, compress="mean")
+
+
+def test_broken_ctc_head_is_named(tmp_path):
+    _encoder_with_head(tmp_path)
+    ckpt = torch.load(tmp_path / "small.pt", weights_only=True)
+    ckpt["ctc_head"]["weight"] = torch.zeros(6, 15)          # width 15 for a 16-wide encoder
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="'ctc_head' must hold 'weight' \\(classes, 16\\)"):
+        load_whisper_encoder(tmp_path / "bad.pt")

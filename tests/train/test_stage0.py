@@ -98,6 +98,13 @@ def test_ctc_pretraining_learns_a_tone_language(tmp_path):
     assert res.metrics["n"] == 16 and res.metrics["ctc_wer"] < 0.15
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     assert not torch.equal(before["conv1.weight"], enc.conv1.weight)
+    # the trained head comes back (frozen) and travels in small.pt for audio_compress: ctc
+    assert isinstance(res.head, stage0.CTCHead) and not res.head.proj.weight.requires_grad
+    stage0.save_audio_encoder(tmp_path / "small.pt", enc, res.head)
+    from omnitalk.model.whisper import load_whisper_encoder
+    loaded = load_whisper_encoder(tmp_path / "small.pt")
+    x = torch.randn(7, 32)
+    torch.testing.assert_close(loaded.ctc_head(x).log_softmax(-1), res.head(x), rtol=0, atol=0)
 
 
 def test_random_scene_labels_match_the_drawing():

@@ -305,3 +305,29 @@ def test_sample_builder_pools_audio_like_the_engine():
         a, b = plain(i), pooled(i)
         assert a.length - b.length == L - math.ceil(L / 2)
         assert torch.equal(b.slots[0].feats, pool_frames(feats.audio(r["question_audio"]), 2))
+
+
+def test_sample_builder_merges_audio_by_ctc_like_the_engine():
+    """With Config.audio_compress = 'ctc' the cached frames are merged by the feature source's encoder's
+    CTC head (omnitalk.model.whisper.speech_positions, as the engine does); without a head it says so."""
+    from types import SimpleNamespace
+
+    from omnitalk.errors import CheckpointError
+    from omnitalk.model.whisper import ctc_compress
+    from omnitalk.train.loop import SampleBuilder
+    from test_train_sequences import D_AUDIO, LAYOUT, TOK
+
+    recs, feats = synthetic(3, tasks=("qa_speech", "asr"))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(D_AUDIO, 3)
+    feats.model = SimpleNamespace(whisper=SimpleNamespace(ctc_head=head))
+    plain, merged = SampleBuilder(recs, LAYOUT, TOK, feats), SampleBuilder(recs, LAYOUT, TOK, feats, audio_compress="ctc")
+    for i, r in enumerate(recs):
+        x = feats.audio(r["question_audio"])
+        want = ctc_compress(x, head(x).argmax(-1))
+        a, b = plain(i), merged(i)
+        assert a.length - b.length == x.shape[0] - want.shape[0]
+        assert torch.equal(b.slots[0].feats, want)
+    del feats.model
+    with pytest.raises(CheckpointError, match="no 'ctc_head'"):
+        SampleBuilder(recs, LAYOUT, TOK, feats, audio_compress="ctc")(0)
