@@ -174,10 +174,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.n_embd, cfg.intermediate_size, cfg.n_embd)
+        self.dropout = 0.0  # residual dropout, training only (the release trains none; set by omnitalk.train)
 
     def forward(self, x, cos, sin, pos, cache=None, rows=None):
-        x = x + self.attn(self.norm_1(x), cos, sin, pos, cache, rows)
-        return x + self.mlp(self.norm_2(x))
+        a = self.attn(self.norm_1(x), cos, sin, pos, cache, rows)
+        if self.dropout and self.training:
+            a = F.dropout(a, self.dropout, True)
+        x = x + a
+        m = self.mlp(self.norm_2(x))
+        if self.dropout and self.training:
+            m = F.dropout(m, self.dropout, True)
+        return x + m
 
 
 class OmniLM(nn.Module):

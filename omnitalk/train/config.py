@@ -1,6 +1,7 @@
 """TrainConfig: one YAML file describes a training run (see configs/*.yaml for commented examples).
 
-    model:     preset / config overrides / config_path, init (random | checkpoint), checkpoint, tokenizer
+    model:     preset / config overrides / config_path, init (random | checkpoint), checkpoint, tokenizer,
+               init_std, dropout (residual, training only)
     stage:     1 | 2 | 3 -> which parameters train (STAGE_PARAMS) and the default schedule (STAGE_LR)
     data:      train / eval manifests (JSONL) with sampling weights, task mixture weights, features
     optim:     lr, min_lr, warmup_steps, steps (cosine), weight_decay, betas, eps, grad_clip
@@ -51,6 +52,7 @@ class ModelSection:
     embedding_init_std: float | None = None  # random init of the embedding table; None: init_std x the
                                            # number of streams (8): the input is the streams' mean
     zero_audio_pad: bool = True            # random init: the 7 `_pad_a` embedding rows start at zero
+    dropout: float = 0.0                   # residual dropout after every attention and MLP (training only)
 
 
 @dataclass
@@ -139,6 +141,8 @@ class TrainConfig:
             problems.append(f"model.init must be 'random', 'checkpoint' or 'qwen2', got {self.model.init!r}")
         if self.model.init in ("checkpoint", "qwen2") and not self.model.checkpoint:
             problems.append(f"model.init is {self.model.init!r} but model.checkpoint is not set")
+        if not 0.0 <= self.model.dropout < 1.0:
+            problems.append(f"model.dropout must be in [0, 1), got {self.model.dropout!r}")
         if self.dtype not in ("fp32", "bf16"):
             problems.append(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.strategy not in ("ddp", "fsdp"):

@@ -548,6 +548,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
         tokenizer = load_tokenizer(cfg)
         lm = build_model(cfg, mcfg)
         lm.clear_cache()
+        for block in lm.transformer.h:
+            block.dropout = cfg.model.dropout
         trainable = set_trainable(lm, cfg.trainable_prefixes)
         if not trainable:
             raise ValueError(f"no parameter matches the trainable prefixes {cfg.trainable_prefixes}")

@@ -181,3 +181,21 @@ def test_prefill_computes_a_shared_prefix_once():
     expected = lm.forward_hidden(lm.embed(different), 0)[:, -1]
     lm.setup_cache(2, 12)
     torch.testing.assert_close(lm.prefill(lm.embed(different), 0, 0), expected)
+
+
+def test_residual_dropout_acts_only_in_training():
+    lm = small()
+    ids = random_ids(lm.cfg, 2, 6)
+    x = lm.embed(ids)
+    ref = lm.forward_hidden(x, 0)
+    for b in lm.transformer.h:
+        b.dropout = 0.5
+    torch.testing.assert_close(lm.forward_hidden(x, 0), ref, rtol=0, atol=0)      # eval mode: no dropout
+    lm.train()
+    torch.manual_seed(1)
+    a = lm.forward_hidden(x, 0)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, lm.forward_hidden(x, 0))                        # a random mask per call
+    for b in lm.transformer.h:
+        b.dropout = 0.0
+    torch.testing.assert_close(lm.forward_hidden(x, 0), ref)                      # p = 0: the plain block

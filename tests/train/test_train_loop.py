@@ -152,6 +152,21 @@ def test_config_errors_name_the_key():
         TrainConfig.from_dict(dict(optim=dict(learning_rate=1)))
     with pytest.raises(TrainConfigError, match="stage"):
         TrainConfig.from_dict(dict(stage=4))
+    with pytest.raises(TrainConfigError, match=r"model.dropout must be in \[0, 1\), got 1.5"):
+        TrainConfig.from_dict(dict(model=dict(dropout=1.5)))
+
+
+def test_dropout_reaches_the_trained_model(tmp_path):
+    """model.dropout is applied in the training forward: same seed and data, a different first loss;
+    without it the run is the plain one (the same first loss twice)."""
+    recs, feats = synthetic(2, tasks=("text", "qa_speech"))
+    first = {}
+    for name, p in (("a", 0.0), ("b", 0.0), ("c", 0.3)):
+        run(train_config(tmp_path / name, model=dict(dropout=p), optim=dict(steps=2)), records=recs, features=feats)
+        rows = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+        first[name] = rows[0]["loss"]
+    assert first["a"] == first["b"] and first["c"] != first["a"]
 
 
 @pytest.mark.parametrize("name", ["mini-omni2-stage1", "mini-omni2-stage2", "mini-omni2-stage3",
