@@ -28,7 +28,6 @@ Steps (each is skipped when its output exists, so a re-run resumes at the first 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -226,7 +225,8 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     from omnitalk.model.clip import load_clip_vision
     from omnitalk.model.whisper import load_whisper_encoder
     from omnitalk.train.data import read_manifest
-    from omnitalk.train.stage0 import pretrain_audio_encoder, pretrain_vision_encoder, transcribed_audio
+    from omnitalk.train.stage0 import (pretrain_audio_encoder, pretrain_vision_encoder, save_audio_encoder,
+                                       transcribed_audio)
 
     s0, progress = rc["stage0"], rc.get("progress", True)
     res = {}
@@ -245,8 +245,7 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
                                     max_minutes=a.get("max_minutes"), held_out=held, progress=progress,
                                     spec_augment_prob=a.get("spec_augment", 0.0),
                                     speed=tuple(a.get("speed", (0.9, 1.1))))
-        _replace(assets / "small.pt", {"dims": dataclasses.asdict(enc.dims), "window": "trimmed", "model_state_dict":
-                                       {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}})
+        save_audio_encoder(assets / "small.pt", enc, ra.head)  # with its CTC head (model.audio_compress: ctc)
         res["audio"] = {"steps": ra.steps, "of": a["steps"], "seconds": round(ra.seconds, 1), "utterances": len(items),
                         "held_out": ra.metrics, "loss": ra.losses,
                         "wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
@@ -315,8 +314,10 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
            "block_size": m["block_size"]}
     if m.get("audio_pool", 1) != 1:
         cfg["audio_pool"] = m["audio_pool"]
+    if m.get("audio_compress", "none") != "none":
+        cfg["audio_compress"] = m["audio_compress"]
     sec = {"preset": "mini-omni2", "config": cfg, "tokenizer": str(world / "tokenizer.json"),
-           "init_std": m.get("init_std", 0.02)}
+           "init_std": m.get("init_std", 0.02), "dropout": m.get("dropout", 0.0)}
     if init is None:
         sec["init"] = "random"
     else:
@@ -339,7 +340,9 @@ def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, ini
                  "max_len": rc["model"]["block_size"]},
         "optim": {"lr": s["lr"], "min_lr": s["min_lr"], "warmup_steps": s["warmup_steps"], "steps": s["steps"],
                   "weight_decay": s.get("weight_decay", 0.05), "grad_clip": 1.0},
-        "batch": {"batch_tokens": s["batch_tokens"], "batch_size": 32, "max_batch": s.get("max_batch")},
+        # batch_tokens: length buckets; without it, random batches of batch_size records (every task mixed)
+        "batch": {"batch_tokens": s.get("batch_tokens"), "batch_size": s.get("batch_size", 32),
+                  "max_batch": s.get("max_batch")},
         "loss": {"text": 1.0, "audio": 1.0, "text_norm": s.get("text_norm", "token")},
         "dtype": "fp32", "device": "cpu", "threads": rc.get("threads", 2),
         "checkpoint_every": 0, "keep_checkpoints": 1, "eval_every": s.get("eval_every", 0), "eval_batches": 8,
@@ -533,10 +536,15 @@ def main(argv=None) -> int:
         train_wall += max(T.rows["train_stage0"]["wall_s"], stage0.get("wall_s", 0.0))
         train_cpu += max(T.rows["train_stage0"]["cpu_s"], stage0.get("cpu_s", 0.0))
     for st in stages:
+        timing = out / f"stage{st}" / "timing.json"
         with T(f"train_stage{st}"):
             init = run_stage(rc, st, world, assets, out, init)
-        train_wall += T.rows[f"train_stage{st}"]["wall_s"]
-        train_cpu += T.rows[f"train_stage{st}"]["cpu_s"]
+        if not timing.is_file():  # trained now: keep its time for the report of a later re-run
+            timing.write_text(json.dumps(T.rows[f"train_stage{st}"]))
+        row = {k: max(v, json.loads(timing.read_text())[k]) for k, v in T.rows[f"train_stage{st}"].items()}
+        T.rows[f"train_stage{st}"] = row
+        train_wall += row["wall_s"]
+        train_cpu += row["cpu_s"]
         plot_stage(out, st)
     report = {"recipe": rc, "out": str(out), "final": str(init), "features": feats, "stage0": stage0,
               "world": json.loads((world / "world.json").read_text())}

@@ -63,6 +63,14 @@ def test_recipe_smoke(tmp_path):
     final = Path(report["final"])
     model = OmniModel.from_pretrained(final, device="cpu", download=False)
     assert model.whisper_window == "trimmed"  # the stage-0 encoder runs the way it was trained
+    # speech reaches the LLM merged by the stage-0 CTC head (model.audio_compress: ctc)
+    assert model.cfg.audio_compress == "ctc" and model.whisper.ctc_head is not None
+    from omnitalk import audio as audio_io
+    from omnitalk.model.whisper import features
+    from omnitalk.train.data import read_manifest
+    wav = next(r["question_audio"] for r in read_manifest(out / "world" / "eval.jsonl") if r.get("question_audio"))
+    frames = features(model.whisper, audio_io.load_audio(wav), model.whisper_window).shape[0]
+    assert 0 < model.audio_features(wav).shape[0] < frames
     ck = sorted((out / "stage3" / "checkpoints").glob("step-*"))[-1]
     sd, _ = load_training_state(ck)
     got = model.lm.state_dict()
