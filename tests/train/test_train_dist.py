@@ -12,7 +12,7 @@ import torch
 from omnitalk.train.dist import shard, DistInfo, spawn_train
 from omnitalk.train.loop import run
 from omnitalk.train.metrics import read_jsonl
-from test_train_sequences import synthetic, train_config
+from test_train_sequences import MODEL_OVERRIDES, synthetic, train_config
 
 
 def _cfg(out, strategy):
@@ -39,7 +39,24 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
             assert a.get("tokens") == b.get("tokens")
         wb = torch.load(tmp_path / strategy / "final" / "lit_model.pth", weights_only=True)
         for k in wa:
-            assert torch.allclose(wa[k], wb[k], atol=1e-5), (strategy, k)
+            if k.endswith("attn.attn.bias"):
+                # The key bias shifts every score of a query by the same amount, which softmax ignores: its
+                # gradient is zero in exact arithmetic, and Adam turns the rounding noise left there
+                # (different in 1 and 2 processes) into steps of up to lr. Those rows may differ by
+                # lr x steps; the query and value rows must agree like every other weight.
+                keys = _key_rows(MODEL_OVERRIDES)
+                assert torch.allclose(wa[k][~keys], wb[k][~keys], atol=1e-5), (strategy, k)
+                assert float((wa[k][keys] - wb[k][keys]).abs().max()) <= 3e-3 * 5, (strategy, k)
+            else:
+                assert torch.allclose(wa[k], wb[k], atol=1e-5), (strategy, k)
+
+
+def _key_rows(c: dict) -> torch.Tensor:
+    """Rows of the fused qkv projection that hold key heads (litgpt's layout: per query group, its
+    n_head / n_query_groups query heads, then one key head, then one value head)."""
+    q_per_kv, hs = c["n_head"] // c["n_query_groups"], c["head_size"]
+    role = torch.arange(q_per_kv + 2).repeat_interleave(hs).repeat(c["n_query_groups"])
+    return role == q_per_kv
 
 
 def test_shards_cover_the_global_batch():
