@@ -140,7 +140,7 @@ def ctc_compress(feats: Tensor, labels: Tensor) -> Tensor:
     """(L, d) encoder features + (L,) frame labels -> (n, d): one position per run of equal consecutive
     labels, the mean of its frames (CTC compression, Gaido et al. 2021, "avg"; runs of the blank label are
     kept as positions too, so a word the CTC head missed still reaches the LLM inside its blank run).
-    With the labels of a CTC head over words, a spoken question becomes about two positions per word
+    With the labels of a CTC head over words, a spoken question becomes one or two positions per word
     instead of 50 per second."""
     L = feats.shape[0]
     if labels.shape != (L,):
