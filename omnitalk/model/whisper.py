@@ -127,13 +127,7 @@ def pool_frames(feats: Tensor, k: int) -> Tensor:
     run averages the frames it has). k = 1 returns the input unchanged (the release's layout)."""
     if k == 1:
         return feats
-    L = feats.shape[0]
-    n = -(-L // k)
-    sums = torch.zeros(n, *feats.shape[1:], dtype=feats.dtype, device=feats.device)
-    sums.index_add_(0, torch.arange(L, device=feats.device) // k, feats)
-    counts = torch.full((n,), float(k), dtype=feats.dtype, device=feats.device)
-    counts[-1] = L - (n - 1) * k
-    return sums / counts.view(-1, *([1] * (feats.dim() - 1)))
+    return ctc_compress(feats, torch.arange(feats.shape[0], device=feats.device) // k)  # runs of k labels
 
 
 def ctc_compress(feats: Tensor, labels: Tensor) -> Tensor:
