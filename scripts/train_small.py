@@ -205,16 +205,6 @@ def make_assets(out: Path, rc: dict, seed: int) -> Path:
 # stage 0: the encoders learn the world (omnitalk.train.stage0)
 # ---------------------------------------------------------------------------------------------
 
-def _replace(path: Path, obj) -> None:
-    """torch.save to a new file, then rename over `path`: the encoders were loaded memory-mapped from
-    `path`, and writing into a mapped file in place would pull the pages from under them (SIGBUS)."""
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     """Train the narrow Whisper encoder (CTC on the training questions' audio, trimmed windows) and the
     narrow CLIP ViT (scene attributes of drawn images) in place of the random ones in `assets`; both
@@ -226,7 +216,7 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     from omnitalk.model.whisper import load_whisper_encoder
     from omnitalk.train.data import read_manifest
     from omnitalk.train.stage0 import (pretrain_audio_encoder, pretrain_vision_encoder, save_audio_encoder,
-                                       transcribed_audio)
+                                       save_replacing, transcribed_audio)
 
     s0, progress = rc["stage0"], rc.get("progress", True)
     res = {}
@@ -259,7 +249,7 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
         rv = pretrain_vision_encoder(vit, steps=v["steps"], batch_size=v.get("batch_size", 32),
                                      n_images=v.get("n_images", 2000), lr=v.get("lr", 1e-3), seed=seed,
                                      max_minutes=v.get("max_minutes"), progress=progress)
-        _replace(assets / "ViT-B-32.pt", {k: v.clone() for k, v in vit.state_dict().items()})
+        save_replacing(assets / "ViT-B-32.pt", {k: v.clone() for k, v in vit.state_dict().items()})
         res["vision"] = {"steps": rv.steps, "of": v["steps"], "seconds": round(rv.seconds, 1), "held_out": rv.metrics,
                          "loss": rv.losses, "wall_s": round(time.perf_counter() - w0, 1),
                          "cpu_s": round(cpu_seconds() - c0, 1)}
@@ -539,10 +529,11 @@ def main(argv=None) -> int:
         timing = out / f"stage{st}" / "timing.json"
         with T(f"train_stage{st}"):
             init = run_stage(rc, st, world, assets, out, init)
-        if not timing.is_file():  # trained now: keep its time for the report of a later re-run
-            timing.write_text(json.dumps(T.rows[f"train_stage{st}"]))
-        row = {k: max(v, json.loads(timing.read_text())[k]) for k, v in T.rows[f"train_stage{st}"].items()}
-        T.rows[f"train_stage{st}"] = row
+        row = T.rows[f"train_stage{st}"]
+        if timing.is_file():  # trained by an earlier invocation: its time, not this skip's
+            row = T.rows[f"train_stage{st}"] = {k: max(v, json.loads(timing.read_text())[k]) for k, v in row.items()}
+        else:  # trained now: keep its time for the report of a later re-run
+            timing.write_text(json.dumps(row))
         train_wall += row["wall_s"]
         train_cpu += row["cpu_s"]
         plot_stage(out, st)

@@ -207,23 +207,31 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
     return Stage0Result(done, seconds, losses, metrics, head.eval().requires_grad_(False))
 
 
+def save_replacing(path, obj) -> None:
+    """torch.save to a new file, then rename it over `path`: an encoder may have been loaded
+    memory-mapped from `path`, and writing into a mapped file in place would pull the pages from under
+    it (SIGBUS)."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def save_audio_encoder(path, encoder, head: CTCHead | None = None) -> None:
     """Write a stage-0 audio encoder in OpenAI's small.pt layout ({"dims", "model_state_dict"}) with
     omnitalk's two top-level additions, which OpenAI's loader ignores: `"window": "trimmed"` (how it was
     trained to run) and, with `head`, `"ctc_head": {"weight" (V+1, d), "bias" (V+1,)}` (the last class is
     the blank), which omnitalk.model.whisper.load_whisper_encoder attaches as `encoder.ctc_head`.
-    Written to a new file and renamed over `path` (the old file may be memory-mapped by a loaded model)."""
+    Written through `save_replacing`."""
     import dataclasses
-    from pathlib import Path
 
-    path = Path(path)
     obj = {"dims": dataclasses.asdict(encoder.dims), "window": "trimmed",
            "model_state_dict": {f"encoder.{k}": v.detach().clone() for k, v in encoder.state_dict().items()}}
     if head is not None:
         obj["ctc_head"] = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    save_replacing(path, obj)
 
 
 @torch.no_grad()
