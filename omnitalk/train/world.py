@@ -76,6 +76,24 @@ def plural(shape: str) -> str:
     return shape + "s"
 
 
+# Several phrasings per question: a held-out question is a new phrasing of something the training side
+# asks in other words, so the phrasings must be many enough that the model learns the fact, not the
+# sentence (with three per operation it learnt sentences: docs/training.md, Results).
+PLUS = ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}", "what is the sum of {a} and {b}",
+        "tell me {a} plus {b}", "what do you get for {a} plus {b}", "compute {a} plus {b}", "{a} plus {b} is what")
+MINUS = ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} from {a}", "subtract {b} from {a}",
+         "tell me {a} minus {b}", "what do you get for {a} minus {b}", "compute {a} minus {b}",
+         "{a} minus {b} is what")
+TIMES = ("what is {a} times {b}", "how much is {a} times {b}", "multiply {a} by {b}", "tell me {a} times {b}",
+         "what do you get for {a} times {b}", "compute {a} times {b}", "{a} times {b} is what")
+COUNT = ("how many {s} are in the picture", "how many {s} can you see", "count the {s}", "how many {s} are there",
+         "how many {s} do you see", "tell me how many {s} there are", "what is the number of {s}")
+COLOR = ("what color is the {s}", "which color is the {s}", "what color does the {s} have",
+         "tell me the color of the {s}", "what is the color of the {s}", "the {s} is what color")
+SHAPE = ("what shape is the {c} one", "which shape is {c}", "what is the {c} shape", "tell me the {c} shape",
+         "which shape has the color {c}", "the {c} one is what shape")
+
+
 def arithmetic_facts() -> list[tuple[str, str, str]]:
     """(question, answer, fact) for plus / minus / times with results 0..20; `fact` names the sum
     ("3+4") that the question's phrasings share."""
@@ -83,14 +101,11 @@ def arithmetic_facts() -> list[tuple[str, str, str]]:
     for a in range(11):
         for b in range(11):
             A, B = NUMBERS[a], NUMBERS[b]
-            out += [(t.format(a=A, b=B), NUMBERS[a + b], f"{a}+{b}") for t in
-                    ("what is {a} plus {b}", "how much is {a} plus {b}", "add {a} and {b}")]
+            out += [(t.format(a=A, b=B), NUMBERS[a + b], f"{a}+{b}") for t in PLUS]
             if a >= b:
-                out += [(t.format(a=A, b=B), NUMBERS[a - b], f"{a}-{b}") for t in
-                        ("what is {a} minus {b}", "how much is {a} minus {b}", "take {b} from {a}")]
+                out += [(t.format(a=A, b=B), NUMBERS[a - b], f"{a}-{b}") for t in MINUS]
             if a <= 5 and b <= 4 and a * b <= 20:
-                out += [(t.format(a=A, b=B), NUMBERS[a * b], f"{a}*{b}") for t in
-                        ("what is {a} times {b}", "how much is {a} times {b}")]
+                out += [(t.format(a=A, b=B), NUMBERS[a * b], f"{a}*{b}") for t in TIMES]
     return out
 
 
@@ -101,16 +116,15 @@ def arithmetic_questions() -> list[tuple[str, str]]:
 
 def count_templates() -> list[tuple[str, str]]:
     """(question, shape) for counting questions; the answer depends on the drawn image."""
-    return [(t.format(s=plural(s)), s) for s in SHAPES for t in
-            ("how many {s} are in the picture", "how many {s} can you see", "count the {s}")]
+    return [(t.format(s=plural(s)), s) for s in SHAPES for t in COUNT]
 
 
 def color_templates() -> list[tuple[str, str]]:
-    return [(t.format(s=s), s) for s in SHAPES for t in ("what color is the {s}", "which color is the {s}")]
+    return [(t.format(s=s), s) for s in SHAPES for t in COLOR]
 
 
 def shape_templates() -> list[tuple[str, str]]:
-    return [(t.format(c=c), c) for c in COLORS for t in ("what shape is the {c} one", "which shape is {c}")]
+    return [(t.format(c=c), c) for c in COLORS for t in SHAPE]
 
 
 def statement_sentences() -> list[str]:

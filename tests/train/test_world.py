@@ -46,8 +46,20 @@ def test_sentence_split_and_vocabulary():
     orphans = {f for _, _, f in W.arithmetic_facts()} - {fact[q] for q, _ in train_pool.arith}
     assert all(fact[q] not in orphans for q, _ in held_pool.arith) and len(held_pool.arith) + len(
         train_pool.arith) == sum(1 for _, _, f in W.arithmetic_facts() if f not in orphans)
+    # many phrasings per fact, so a held-out phrasing's fact is asked in several other words in training
+    per_fact = {}
+    for q, f in fact.items():
+        per_fact.setdefault(f, set()).add(q)
+    assert min(len(v) for v in per_fact.values()) >= 7 and len(per_fact["3+4"]) == len(W.PLUS)
+    trained = {q for q, _ in train_pool.arith}
+    assert sum(len(per_fact[fact[q]] & trained) for q, _ in held_pool.arith) / len(held_pool.arith) >= 5
+    for templates, n in ((W.count_templates(), len(W.SHAPES)), (W.color_templates(), len(W.SHAPES)),
+                         (W.shape_templates(), len(W.COLORS))):
+        assert len(templates) >= 6 * n and len({q for q, _ in templates}) == len(templates)
+    assert {("count the stars", "star"), ("the red one is what shape", "red")} <= set(
+        W.count_templates() + W.shape_templates())
     words = W.world_words()
-    assert {"seven", "circle", "circles", "purple", "how", "picture"} <= set(words)
+    assert {"seven", "circle", "circles", "purple", "how", "picture", "sum", "multiply"} <= set(words)
     tok = W.build_tokenizer(words)
     ids = tok.encode("What is three plus four").ids
     assert 0 not in ids and tok.decode(ids) == "what is three plus four"
