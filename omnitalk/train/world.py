@@ -367,11 +367,14 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                answer_synth: Synth | None = None, answer_voice: VoiceParams | None = None,
                voices: VoiceSpace | None = None, held_out_fraction: float = 0.15, mix: dict | None = None,
                image_size: int = 224, codec=None, n_interrupt_train: int = 0, n_interrupt_eval: int = 0,
-               interrupt_config=None, progress: bool = True) -> WorldInfo:
+               interrupt_config=None, speak_written: bool = False, progress: bool = True) -> WorldInfo:
     """Generate the world (see the module docstring). `synth` speaks the questions (default: espeak-ng),
     `answer_synth` + `answer_voice` the answers (default: the same synth, its MODEL_VOICE). With a `codec`
     the answers' SNAC frames (and interrupt clips' frames) are filled in; otherwise run
-    `omnitalk data prepare` on the manifests. Slow part: ~20-100 ms of synthesis per record."""
+    `omnitalk data prepare` on the manifests. With `speak_written`, every written training question
+    (t2t) is also asked aloud by a training voice: an a2t record '<id>-sp' after the others (written
+    questions teach the facts, their spoken copies teach hearing them; docs/training.md).
+    Slow part: ~20-100 ms of synthesis per record."""
     import soundfile as sf
     from tqdm.auto import tqdm
 
@@ -457,6 +460,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
             if speak:
                 fields["answer_audio"], fields["answer_snac"] = answer_audio(answer)
             records.append(make_record(rid, task, **fields, **meta))
+        if speak_written and not held:
+            records += [spoken_copy(r, synth, space, out / "audio/q") for r in list(records) if r["kind"] == "t2t"]
         manifests[split] = write_manifest(records, out / f"{split}.jsonl")
 
     info = WorldInfo(out, manifests["train"], manifests["eval"], tok_path, tok.get_vocab_size(), counts)
@@ -478,6 +483,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                                             "negative": sum(1 for r in recs if not r["command"])}
     meta = {
         "seed": seed, "n_train": n_train, "n_eval": n_eval, "held_out_fraction": held_out_fraction,
+        "speak_written": speak_written,
         "mix": mix, "counts": counts, "vocab_size": tok.get_vocab_size(),
         "min_text_vocab_size": tok.get_vocab_size() + 64,
         "synth": type(synth).__name__, "answer_synth": type(answer_synth).__name__,
@@ -493,6 +499,21 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     }
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return info
+
+
+def spoken_copy(record: dict, synth: Synth, voices: VoiceSpace, audio_dir: Path) -> dict:
+    """The a2t record '<id>-sp' asking a written question (t2t) aloud, in a voice of `voices` drawn by
+    the record's id."""
+    import soundfile as sf
+
+    rng = random.Random("spoken-aug:" + record["id"])
+    voice = voices.sample(rng)
+    x = synth_to(synth, record["question_text"], voice, QUESTION_SR, peak=rng.uniform(0.4, 0.9))
+    path = Path(audio_dir) / f"{record['id']}-sp.wav"
+    sf.write(str(path), x, QUESTION_SR, subtype="PCM_16")
+    return make_record(record["id"] + "-sp", "qa", question_audio=str(path.resolve()),
+                       answer_text=record["answer_text"], speak=False, kind="a2t", split=record.get("split"),
+                       voice=voice.name, question_transcript=record["question_text"])
 
 
 def hash_seed(seed: int, tag: str) -> int:

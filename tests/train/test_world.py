@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from omnitalk.train import world as W
 from omnitalk.train.data import read_manifest
@@ -177,3 +178,15 @@ def test_make_world_small(tmp_path):
     # deterministic
     W.make_world(tmp_path / "b", n_train=10, n_eval=6, seed=7, progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    # speak_written: the same records, then every written training question asked aloud by a training voice
+    info = W.make_world(tmp_path / "c", n_train=10, n_eval=6, seed=7, speak_written=True, progress=False)
+    more = read_manifest(info.train_manifest)
+    written = [r for r in train if r["kind"] == "t2t"]
+    assert written and [r["id"] for r in more] == [r["id"] for r in train] + [r["id"] + "-sp" for r in written]
+    train_voices = {v.name for v in VoiceSpace.espeak().split()[0].settings()}
+    for w, r in zip(written, more[len(train):]):
+        assert (r["kind"], r["task"], r["speak"], r["question_text"]) == ("a2t", "qa", False, None)
+        assert r["question_transcript"] == w["question_text"] and r["answer_text"] == w["answer_text"]
+        audio, sr = sf.read(r["question_audio"])
+        assert r["voice"] in train_voices and sr == W.QUESTION_SR and len(audio) > sr // 10
+    assert [r["id"] for r in read_manifest(info.eval_manifest)] == [r["id"] for r in held]  # held out: as before
