@@ -461,7 +461,9 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                 fields["answer_audio"], fields["answer_snac"] = answer_audio(answer)
             records.append(make_record(rid, task, **fields, **meta))
         if speak_written and not held:
-            records += [spoken_copy(r, synth, space, out / "audio/q") for r in list(records) if r["kind"] == "t2t"]
+            copies = [spoken_copy(r, synth, space, out / "audio/q") for r in records if r["kind"] == "t2t"]
+            records += copies
+            counts[split] = {**alloc, "spoken_copies": len(copies)}
         manifests[split] = write_manifest(records, out / f"{split}.jsonl")
 
     info = WorldInfo(out, manifests["train"], manifests["eval"], tok_path, tok.get_vocab_size(), counts)

@@ -190,3 +190,4 @@ def test_make_world_small(tmp_path):
         audio, sr = sf.read(r["question_audio"])
         assert r["voice"] in train_voices and sr == W.QUESTION_SR and len(audio) > sr // 10
     assert [r["id"] for r in read_manifest(info.eval_manifest)] == [r["id"] for r in held]  # held out: as before
+    assert info.counts["train"]["spoken_copies"] == len(written) and "spoken_copies" not in info.counts["eval"]
