@@ -215,8 +215,9 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
     from omnitalk.model.clip import load_clip_vision
     from omnitalk.model.whisper import load_whisper_encoder
     from omnitalk.train.data import read_manifest
+    from omnitalk.train.export import save_replacing
     from omnitalk.train.stage0 import (pretrain_audio_encoder, pretrain_vision_encoder, save_audio_encoder,
-                                       save_replacing, transcribed_audio)
+                                       transcribed_audio)
 
     s0, progress = rc["stage0"], rc.get("progress", True)
     res = {}
@@ -531,7 +532,8 @@ def main(argv=None) -> int:
             init = run_stage(rc, st, world, assets, out, init)
         row = T.rows[f"train_stage{st}"]
         if timing.is_file():  # trained by an earlier invocation: its time, not this skip's
-            row = T.rows[f"train_stage{st}"] = {k: max(v, json.loads(timing.read_text())[k]) for k, v in row.items()}
+            done = json.loads(timing.read_text())
+            row = T.rows[f"train_stage{st}"] = {k: max(v, done[k]) for k, v in row.items()}
         else:  # trained now: keep its time for the report of a later re-run
             timing.write_text(json.dumps(row))
         train_wall += row["wall_s"]

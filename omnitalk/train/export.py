@@ -74,15 +74,22 @@ def lit_state_dict(model_or_sd) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_replacing(path, obj) -> None:
+    """torch.save to a new file, then rename it over `path`: a model may have been loaded memory-mapped
+    from `path`, and writing into a mapped file in place would pull the pages from under it (SIGBUS)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def export_lit(model_or_sd, cfg: Config, out_dir: str | Path, assets: str | Path | None = None,
                tokenizer=None) -> Path:
     """Write out_dir/lit_model.pth + model_config.yaml; copy tokenizer/encoder/codec files from `assets`;
     save `tokenizer` (a TextTokenizer) as tokenizer.json when `assets` has none. Returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "lit_model.pth.tmp"
-    torch.save(lit_state_dict(model_or_sd), tmp)
-    tmp.replace(out / "lit_model.pth")
+    save_replacing(out / "lit_model.pth", lit_state_dict(model_or_sd))
     write_model_config(cfg, out / "model_config.yaml")
     if assets is not None:
         src = Path(assets)

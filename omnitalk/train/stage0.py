@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from omnitalk import audio as audio_io
 from omnitalk.model.whisper import trimmed_mel
+from omnitalk.train.export import save_replacing
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +208,12 @@ def pretrain_audio_encoder(encoder, items: Sequence[tuple[str, str]], encode_tex
     return Stage0Result(done, seconds, losses, metrics, head.eval().requires_grad_(False))
 
 
-def save_replacing(path, obj) -> None:
-    """torch.save to a new file, then rename it over `path`: an encoder may have been loaded
-    memory-mapped from `path`, and writing into a mapped file in place would pull the pages from under
-    it (SIGBUS)."""
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def save_audio_encoder(path, encoder, head: CTCHead | None = None) -> None:
     """Write a stage-0 audio encoder in OpenAI's small.pt layout ({"dims", "model_state_dict"}) with
     omnitalk's two top-level additions, which OpenAI's loader ignores: `"window": "trimmed"` (how it was
     trained to run) and, with `head`, `"ctc_head": {"weight" (V+1, d), "bias" (V+1,)}` (the last class is
     the blank), which omnitalk.model.whisper.load_whisper_encoder attaches as `encoder.ctc_head`.
-    Written through `save_replacing`."""
+    Written through `omnitalk.train.export.save_replacing`."""
     import dataclasses
 
     obj = {"dims": dataclasses.asdict(encoder.dims), "window": "trimmed",
