@@ -1,5 +1,6 @@
-"""Our CPU kernels (omnitalk/csrc/gemv.cpp): a few activation rows times a weight matrix, streaming
-each weight row once, for fp32, bf16 and int8 weights.
+"""Our CPU kernels: a few activation rows times a weight matrix, streaming each weight row once, for
+fp32, bf16 and int8 weights (omnitalk/csrc/gemv.cpp), and the small operations of a decode step fused
+into one call each (omnitalk/csrc/decode.cpp; used by omnitalk.model.decode).
 
 They are compiled on first use with PyTorch's C++ extension builder (g++ and ninja) into PyTorch's
 extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later processes load the
@@ -20,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # above this many activation rows a real GEMM (MKL / oneDNN) is the better kernel
-_SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.cpp", "decode.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -34,7 +35,7 @@ def _build() -> bool:
         if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its venv is not on PATH
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        load(name="omnitalk_gemv", sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        load(name="omnitalk_gemv", sources=[str(p) for p in _SOURCES], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False,
              verbose=False)
         isa = torch.ops.omnitalk.isa()

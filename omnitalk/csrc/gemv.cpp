@@ -5,7 +5,8 @@
 // all M rows, widen it to fp32 in registers (int8 -> fp32, bf16 -> fp32, or fp32 as is) and accumulate
 // with fp32 FMAs: weight-only quantisation, activations stay fp32. Work is split over output rows with
 // ATen's thread pool (at::parallel_for), so every thread streams one contiguous block of the weight.
-// dequant_bf16 widens int8 weights to bf16 for the prefill's GEMM.
+// gemv_swiglu computes a SwiGLU MLP's first half, silu(x . W1^T) * (x . W2^T), in one pass over both
+// matrices. dequant_bf16 widens int8 weights to bf16 for the prefill's GEMM.
 //
 // AVX-512 and AVX2 bodies are compiled with target attributes and chosen at run time, so the built
 // library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / dequant_bf16 / isa.
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -153,7 +155,8 @@ void rows(const Args& a, const float* x, float* y, int64_t M, int64_t n0, int64_
   if (has_avx512()) {
     switch (M) {
       case 1: return block512<1, 8, W>(a, x, y, n0, n1);
-      case 2: return block512<2, 4, W>(a, x, y, n0, n1);
+      case 2:  // long rows (the MLP's down projection): 8 rows per block halve the reloads of x
+        return a.K >= 2048 ? block512<2, 8, W>(a, x, y, n0, n1) : block512<2, 4, W>(a, x, y, n0, n1);
       case 3: return block512<3, 4, W>(a, x, y, n0, n1);
       case 4: return block512<4, 4, W>(a, x, y, n0, n1);
       case 5: return block512<5, 2, W>(a, x, y, n0, n1);
@@ -174,39 +177,83 @@ void rows(const Args& a, const float* x, float* y, int64_t M, int64_t n0, int64_
   }
 }
 
-template <typename W>
-void run(const Args& a) {
-  // Each thread takes one contiguous block of output rows (= of the weight) for all M rows.
-  const int64_t grain = std::max<int64_t>(32, a.N / (8 * at::get_num_threads()));
-  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += 8)
-      rows<W>(a, a.x + m0 * a.K, a.y + m0 * a.N, std::min<int64_t>(8, a.M - m0), n0, n1);
-  });
-}
-
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale) {
-  TORCH_CHECK(has_avx2(), "omnitalk.gemv needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "omnitalk.gemv: CPU tensors only");
+Args make_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                const char* op) {
+  TORCH_CHECK(has_avx2(), "omnitalk.", op, " needs a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "omnitalk.", op, ": CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "omnitalk.gemv: x must be a contiguous fp32 (M, K) tensor");
+              "omnitalk.", op, ": x must be a contiguous fp32 (M, K) tensor");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
-              "omnitalk.gemv: w must be a contiguous (N, K) tensor with K = x.size(1)");
+              "omnitalk.", op, ": w must be a contiguous (N, K) tensor with K = x.size(1)");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar || w.scalar_type() == at::kBFloat16,
+              "omnitalk.", op, ": weights must be fp32, bf16 or int8, got ", w.scalar_type());
   Args a{x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr(), nullptr, false, nullptr, w.size(0)};
   if (scale.has_value()) {
     TORCH_CHECK(scale->dim() == 1 && scale->size(0) == w.size(0) && scale->is_contiguous() &&
                 (scale->scalar_type() == at::kFloat || scale->scalar_type() == at::kBFloat16),
-                "omnitalk.gemv: scale must be a contiguous fp32 or bf16 (N,) tensor");
+                "omnitalk.", op, ": scale must be a contiguous fp32 or bf16 (N,) tensor");
     a.scale = scale->data_ptr();
     a.scale_bf16 = scale->scalar_type() == at::kBFloat16;
   }
+  return a;
+}
+
+// Rows [n0, n1) of y for every activation row, whatever the weight type.
+void rows_any(const Args& a, at::ScalarType t, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 8) {
+    const int64_t m = std::min<int64_t>(8, a.M - m0);
+    switch (t) {
+      case at::kFloat: rows<float>(a, a.x + m0 * a.K, a.y + m0 * a.N, m, n0, n1); break;
+      case at::kChar: rows<int8_t>(a, a.x + m0 * a.K, a.y + m0 * a.N, m, n0, n1); break;
+      default: rows<at::BFloat16>(a, a.x + m0 * a.K, a.y + m0 * a.N, m, n0, n1); break;
+    }
+  }
+}
+
+// Each thread takes one contiguous block of output rows (= of the weight) for all M rows.
+int64_t grain(int64_t N) { return std::max<int64_t>(32, N / (8 * at::get_num_threads())); }
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                const c10::optional<at::Tensor>& bias) {
+  Args a = make_args(x, w, scale, "gemv");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->is_contiguous() &&
+                bias->scalar_type() == at::kFloat, "omnitalk.gemv: bias must be a contiguous fp32 (N,) tensor");
+    b = bias->data_ptr<float>();
+  }
   at::Tensor y = at::empty({a.M, a.N}, x.options());
   a.y = y.data_ptr<float>();
-  switch (w.scalar_type()) {
-    case at::kFloat: run<float>(a); break;
-    case at::kChar: run<int8_t>(a); break;
-    case at::kBFloat16: run<at::BFloat16>(a); break;
-    default: TORCH_CHECK(false, "omnitalk.gemv: weights must be fp32, bf16 or int8, got ", w.scalar_type());
-  }
+  const auto t = w.scalar_type();
+  at::parallel_for(0, a.N, grain(a.N), [&](int64_t n0, int64_t n1) {
+    rows_any(a, t, n0, n1);
+    if (b)
+      for (int64_t m = 0; m < a.M; ++m)
+        for (int64_t n = n0; n < n1; ++n) a.y[m * a.N + n] += b[n];
+  });
+  return y;
+}
+
+// silu(x . W1^T * s1) * (x . W2^T * s2): the gate and up projections of a SwiGLU MLP, each thread
+// streaming its block of rows of both matrices, then combining them while they are in cache.
+at::Tensor gemv_swiglu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& s1,
+                       const at::Tensor& w2, const c10::optional<at::Tensor>& s2) {
+  Args a1 = make_args(x, w1, s1, "gemv_swiglu"), a2 = make_args(x, w2, s2, "gemv_swiglu");
+  TORCH_CHECK(w1.sizes() == w2.sizes() && w1.scalar_type() == w2.scalar_type(),
+              "omnitalk.gemv_swiglu: both weights must have the same shape and type");
+  at::Tensor y = at::empty({a1.M, a1.N}, x.options()), up = at::empty({a1.M, a1.N}, x.options());
+  a1.y = y.data_ptr<float>();
+  a2.y = up.data_ptr<float>();
+  const auto t = w1.scalar_type();
+  at::parallel_for(0, a1.N, grain(a1.N), [&](int64_t n0, int64_t n1) {
+    rows_any(a1, t, n0, n1);
+    rows_any(a2, t, n0, n1);
+    for (int64_t m = 0; m < a1.M; ++m)
+      for (int64_t n = n0; n < n1; ++n) {
+        const float g = a1.y[m * a1.N + n];
+        a1.y[m * a1.N + n] = g / (1.f + std::exp(-g)) * a2.y[m * a1.N + n];
+      }
+  });
   return y;
 }
 
@@ -260,12 +307,14 @@ std::string isa() { return has_avx512() ? "avx512" : has_avx2() ? "avx2" : "none
 }  // namespace
 
 TORCH_LIBRARY(omnitalk, m) {
-  m.def("gemv(Tensor x, Tensor w, Tensor? scale=None) -> Tensor");
+  m.def("gemv(Tensor x, Tensor w, Tensor? scale=None, Tensor? bias=None) -> Tensor");
+  m.def("gemv_swiglu(Tensor x, Tensor w1, Tensor? s1, Tensor w2, Tensor? s2) -> Tensor");
   m.def("dequant_bf16(Tensor q, Tensor scale, Tensor(a!)? into=None) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
 TORCH_LIBRARY_IMPL(omnitalk, CPU, m) {
   m.impl("gemv", gemv);
+  m.impl("gemv_swiglu", gemv_swiglu);
   m.impl("dequant_bf16", dequant_bf16);
 }

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from omnitalk import kernels
 from omnitalk.config import Config
+from omnitalk.model import decode
 
 
 class RMSNorm(nn.Module):
@@ -261,6 +262,8 @@ class OmniLM(nn.Module):
         last = (int(pos) if isinstance(pos, int) else int(pos.max())) + T
         if last > self.cfg.block_size:
             raise ValueError(f"position {last} exceeds the model's context of {self.cfg.block_size}")
+        if T == 1 and (h := decode.hidden(self, x, pos, caches, rows)) is not None:
+            return h  # a decode step on the CPU: the same blocks through fused kernels (model/decode.py)
         if isinstance(pos, int):
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         else:  # (B, 1, 1, hs): each row rotated at its own position
