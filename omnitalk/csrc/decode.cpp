@@ -23,19 +23,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "isa.h"
+
 namespace {
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-
-bool avx512() {
-  static const bool yes = [] {
-    const char* want = std::getenv("OMNITALK_KERNELS_ISA");
-    if (want && std::string(want) == "avx2") return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return yes;
-}
 
 // ---- dot products and y += a * x over one head (hs floats) -----------------------------------------
 T512 float dot512(const float* a, const float* b, int64_t n) {
@@ -60,8 +52,8 @@ float dot_plain(const float* a, const float* b, int64_t n) {
 void axpy_plain(float a, const float* x, float* y, int64_t n) {
   for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
 }
-inline float dot(const float* a, const float* b, int64_t n) { return avx512() ? dot512(a, b, n) : dot_plain(a, b, n); }
-inline void axpy(float a, const float* x, float* y, int64_t n) { avx512() ? axpy512(a, x, y, n) : axpy_plain(a, x, y, n); }
+inline float dot(const float* a, const float* b, int64_t n) { return omnitalk_isa::has_avx512() ? dot512(a, b, n) : dot_plain(a, b, n); }
+inline void axpy(float a, const float* x, float* y, int64_t n) { omnitalk_isa::has_avx512() ? axpy512(a, x, y, n) : axpy_plain(a, x, y, n); }
 
 void check_rows(const at::Tensor& x, int64_t C, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&

@@ -20,6 +20,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "isa.h"
+
 namespace {
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
@@ -137,17 +139,8 @@ T256 void block256(const Args& a, const float* x, float* y, int64_t n0, int64_t 
   if (n < n1) block256<M, 1, W>(a, x, y, n, n1);
 }
 
-// OMNITALK_KERNELS_ISA=avx2 runs the AVX2 bodies on an AVX-512 CPU (tests, comparisons).
-bool has_avx512() {
-  static const bool yes = [] {
-    const char* want = std::getenv("OMNITALK_KERNELS_ISA");
-    if (want && std::string(want) == "avx2") return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return yes;
-}
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+using omnitalk_isa::has_avx2;
+using omnitalk_isa::has_avx512;
 
 // Rows [n0, n1) for up to 8 activation rows starting at x (chunks of 8 are run one after another).
 template <typename W>

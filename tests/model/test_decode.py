@@ -186,3 +186,29 @@ def test_steps_aside():
         assert decode.hidden(lm, x, 0) is not None
     lm.train()
     assert decode.hidden(lm, x, 0) is None                            # training: autograd through modules
+
+
+_CHILD = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import test_decode as t
+from omnitalk import kernels
+print(kernels.info())
+lm = t._lm(n_query_groups=2)
+torch.testing.assert_close(t._steps(lm, fused=True), t._steps(lm, fused=False), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_avx2_bodies():
+    """The plain bodies (what an AVX2-only CPU runs: dot products, norms, attention) give the same states."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMNITALK_KERNELS_ISA="avx2")
+    code = _CHILD.format(here=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["omnitalk", "kernels:", "gemv", "(avx2)", "ok"]

@@ -1,0 +1,22 @@
+// Which SIMD bodies the kernels run (omnitalk/csrc/gemv.cpp, decode.cpp), decided once per process.
+#pragma once
+
+#include <cstdlib>
+#include <string>
+
+namespace omnitalk_isa {
+
+// OMNITALK_KERNELS_ISA=avx2 runs the AVX2 bodies on an AVX-512 CPU (tests, comparisons).
+inline bool has_avx512() {
+  static const bool yes = [] {
+    const char* want = std::getenv("OMNITALK_KERNELS_ISA");
+    if (want && std::string(want) == "avx2") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return yes;
+}
+
+inline bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+}  // namespace omnitalk_isa
