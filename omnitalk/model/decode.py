@@ -83,6 +83,8 @@ def hidden(lm, x: torch.Tensor, pos, caches=None, rows=None) -> torch.Tensor | N
             rows = torch.arange(rows.start, rows.stop)
     if any(c.k.dtype != torch.float32 or not c.k.is_contiguous() or not c.v.is_contiguous() for c in kv):
         return None
+    if lm.rope_cos.dtype != torch.float32 or lm.rope_sin.dtype != torch.float32:
+        return None
     plan = _plan(lm)
     if plan is None:
         return None
