@@ -16,6 +16,8 @@ caller runs the modules.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from omnitalk import kernels
@@ -39,12 +41,14 @@ def _linear_parts(mod) -> tuple | None:
     return w, s, b
 
 
-def _plan(lm) -> list | None:
-    """Per block: (norm_1 w, eps, attn parts, proj parts, norm_2 w, eps, fc_1, fc_2, mlp proj), cached on
-    the module and rebuilt when its parameters are replaced (quantisation, loading)."""
-    key = tuple(id(p) for p in lm.parameters()) + tuple(id(b) for b in lm.buffers())
-    cached = getattr(lm, "_decode_plan", None)
-    if cached is not None and cached[0] == key:
+def _plan(lm, kv: list) -> list | None:
+    """Per block (norm_1, norm_2, attn, proj, fc_1, fc_2, mlp proj parts), or None where a layer, the
+    model's tables or the caches `kv` (one per layer) do not suit the kernels. Built once per set of
+    caches (`setup_cache`, a scheduler's pool) and kept on the model with a weak reference to the first
+    layer's cache: checking it is one comparison per step, and quantising or reloading the model before
+    the next request's caches is picked up."""
+    cached = lm.__dict__.get("_decode_plan")
+    if cached is not None and cached[0]() is kv[0]:
         return cached[1]
     plan = []
     for blk in lm.transformer.h:
@@ -55,9 +59,10 @@ def _plan(lm) -> list | None:
             plan = None
             break
         plan.append((blk.norm_1, blk.norm_2, *parts))
-    if plan is not None and lm.transformer.ln_f.weight.dtype != torch.float32:
+    if any(t.dtype != torch.float32 for t in (lm.transformer.ln_f.weight, lm.rope_cos, lm.rope_sin)) \
+            or any(c.k.dtype != torch.float32 or not c.k.is_contiguous() or not c.v.is_contiguous() for c in kv):
         plan = None
-    object.__setattr__(lm, "_decode_plan", (key, plan))
+    lm.__dict__["_decode_plan"] = (weakref.ref(kv[0]), plan)
     return plan
 
 
@@ -81,11 +86,7 @@ def hidden(lm, x: torch.Tensor, pos, caches=None, rows=None) -> torch.Tensor | N
             return None
         if isinstance(rows, slice):
             rows = torch.arange(rows.start, rows.stop)
-    if any(c.k.dtype != torch.float32 or not c.k.is_contiguous() or not c.v.is_contiguous() for c in kv):
-        return None
-    if lm.rope_cos.dtype != torch.float32 or lm.rope_sin.dtype != torch.float32:
-        return None
-    plan = _plan(lm)
+    plan = _plan(lm, kv)
     if plan is None:
         return None
     pos = torch.full((B,), pos, dtype=torch.long) if isinstance(pos, int) else pos.to(torch.long)

@@ -49,12 +49,12 @@ def _steps(lm, fused: bool, B=2, prompt=5, n=6, seed=1):
     return torch.cat(out, 1)
 
 
-def _module_path(lm, x, pos):
+def _module_path(lm, *args):
     """forward_hidden with the fast path turned off."""
     orig = decode.hidden
     decode.hidden = lambda *a, **k: None
     try:
-        return lm.forward_hidden(x, pos)
+        return lm.forward_hidden(*args)
     finally:
         decode.hidden = orig
 
@@ -69,6 +69,15 @@ def test_fused_matches_modules_fp32(groups):
 
 def test_fused_matches_modules_int8():
     lm = _lm()
+    quantize_lm(lm, "int8")
+    ref, got = _steps(lm, fused=False), _steps(lm, fused=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantising_between_requests_is_picked_up():
+    """The layer plan is kept per set of caches: after quantisation the next request's caches rebuild it."""
+    lm = _lm()
+    _steps(lm, fused=True)
     quantize_lm(lm, "int8")
     ref, got = _steps(lm, fused=False), _steps(lm, fused=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -104,12 +113,7 @@ def test_slot_cache_slices_and_per_row_positions():
                 h = decode.hidden(lm, steps, pos, caches, rows)
                 assert h is not None
             else:
-                orig = decode.hidden
-                decode.hidden = lambda *a, **k: None
-                try:
-                    h = lm.forward_hidden(steps, pos, caches, rows)
-                finally:
-                    decode.hidden = orig
+                h = _module_path(lm, steps, pos, caches, rows)
         results.append((h, caches[1].k.clone(), caches[1].v.clone()))
     (h0, k0, v0), (h1, k1, v1) = results
     torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
