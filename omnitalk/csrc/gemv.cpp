@@ -9,7 +9,8 @@
 // matrices. dequant_bf16 widens int8 weights to bf16 for the prefill's GEMM.
 //
 // AVX-512 and AVX2 bodies are compiled with target attributes and chosen at run time, so the built
-// library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / dequant_bf16 / isa.
+// library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / gemv_swiglu /
+// dequant_bf16 / isa.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
