@@ -1,0 +1,125 @@
+"""How much can the listening item's input tell? A probe of the interruption clips' SNAC frames.
+
+    python scripts/probe_listening.py runs/small/world                  # the recipe's clips
+    python scripts/probe_listening.py runs/small/world --n-train 400    # fewer training clips
+
+The small recipe's model hears the user through SNAC frames (7 codes per 85.33 ms frame, the paper's
+layout). This script asks whether those codes carry "stop omni" in a way that generalises to held-out
+voices at all, independently of the LLM: a small dedicated detector (per-frame sum of 7 code embeddings,
+a causal convolution, a GRU, one logit per frame) is trained on `interrupt_train.jsonl`'s frames and
+labels and scored on `interrupt_eval.jsonl` with the metric the recipe reports
+(`omnitalk.eval.metrics.InterruptionMetrics`: clip-level F1, false interruptions on negative clips,
+median reaction delay). If the probe cannot reach the issue's targets either, the codec's codes (or
+the number of voices), not the LLM's training, bound the listening item. Prints a table and writes
+`probe_listening.json` beside the manifests (or to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from omnitalk.eval.metrics import InterruptionMetrics  # noqa: E402
+
+N_CODES = 4096 + 64  # a SNAC layer's local ids: 4096 codes + the 64 audio specials
+
+
+class Probe(nn.Module):
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.emb = nn.ModuleList(nn.Embedding(N_CODES, d) for _ in range(7))
+        self.conv = nn.Conv1d(d, d, 3, padding=2)
+        self.gru = nn.GRU(d, d, batch_first=True)
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # frames (B, T, 7) -> logits (B, T)
+        x = sum(e(frames[..., j]) for j, e in enumerate(self.emb)) / 7                  # (B, T, d)
+        x = torch.relu(self.conv(x.transpose(1, 2))[..., : frames.shape[1]].transpose(1, 2))  # causal
+        return self.out(self.gru(x)[0]).squeeze(-1)
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+
+
+def batch(clips: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(c["listen_frames"]) for c in clips)
+    X = torch.zeros(len(clips), T, 7, dtype=torch.long)
+    Y = torch.full((len(clips), T), -1.0)
+    for i, c in enumerate(clips):
+        n = len(c["listen_frames"])
+        X[i, :n] = torch.tensor(c["listen_frames"])
+        Y[i, :n] = torch.tensor(c["labels"], dtype=torch.float32)
+    return X, Y
+
+
+@torch.no_grad()
+def score(model: Probe, clips: list[dict]) -> dict:
+    model.eval()
+    m = InterruptionMetrics()
+    for c in clips:
+        X, _ = batch([c])
+        statuses = (model(X)[0] > 0).int().tolist()
+        m.add(statuses, labels=c["labels"], command_end_ms=c.get("command_end_ms"),
+              command_start_ms=c.get("command_start_ms"), id=c["id"])
+    model.train()
+    return m.result()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("world", type=Path, help="a world folder with interrupt_train.jsonl / interrupt_eval.jsonl")
+    ap.add_argument("--n-train", type=int, default=None, help="use only the first N training clips")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    for name in ("interrupt_train.jsonl", "interrupt_eval.jsonl"):
+        if not (a.world / name).is_file():
+            raise SystemExit(f"{a.world / name} not found: give a world folder made with interruption clips "
+                             "(scripts/train_small.py writes runs/small/world)")
+    train = load(a.world / "interrupt_train.jsonl")[: a.n_train]
+    held = load(a.world / "interrupt_eval.jsonl")
+    if not train or not held:
+        raise SystemExit(f"{a.world}: no interruption clips; make the world with n_interrupt_train/eval > 0")
+    model = Probe()
+    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.05)
+    rows, t0 = [], time.perf_counter()
+    for step in range(1, a.steps + 1):
+        X, Y = batch(rng.sample(train, min(a.batch_size, len(train))))
+        logits, mask = model(X), Y >= 0
+        loss = F.binary_cross_entropy_with_logits(logits[mask], Y[mask])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 300 == 0 or step == a.steps:
+            tr, ho = score(model, train[:200]), score(model, held)
+            rows.append({"step": step, "loss": round(loss.item(), 4), "train": tr, "held_out": ho})
+            print(f"step {step:5d}  loss {loss.item():.3f}  training clips F1 {tr['f1']:.2f} false "
+                  f"{tr['false_interruption_rate']:.2f}  |  held-out F1 {ho['f1']:.2f} false "
+                  f"{ho['false_interruption_rate']:.2f} median {ho['median_delay_ms']}", flush=True)
+    res = {"world": str(a.world), "n_train": len(train), "n_held_out": len(held), "steps": a.steps,
+           "seconds": round(time.perf_counter() - t0, 1), "final": rows[-1], "curve": rows}
+    out = a.out or a.world / "probe_listening.json"
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
