@@ -2,16 +2,19 @@
 
     python scripts/probe_listening.py runs/small/world                  # the recipe's clips
     python scripts/probe_listening.py runs/small/world --n-train 400    # fewer training clips
+    python scripts/probe_listening.py runs/small/world --input mel      # the clips' log-mel instead
 
 The small recipe's model hears the user through SNAC frames (7 codes per 85.33 ms frame, the paper's
 layout). This script asks whether those codes carry "stop omni" in a way that generalises to held-out
-voices at all, independently of the LLM: a small dedicated detector (per-frame sum of 7 code embeddings,
+voices at all, independently of the LLM: a small dedicated detector (per-frame mean of 7 code embeddings,
 a causal convolution, a GRU, one logit per frame) is trained on `interrupt_train.jsonl`'s frames and
 labels and scored on `interrupt_eval.jsonl` with the metric the recipe reports
 (`omnitalk.eval.metrics.InterruptionMetrics`: clip-level F1, false interruptions on negative clips,
 median reaction delay). If the probe cannot reach the issue's targets either, the codec's codes (or
-the number of voices), not the LLM's training, bound the listening item. Prints a table and writes
-`probe_listening.json` beside the manifests (or to --out).
+the number of voices), not the LLM's training, bound the listening item. `--input mel` gives the same
+detector the clip audio's Whisper log-mel instead (80 bands averaged over each 85.33-ms frame, a linear
+layer in place of the embeddings): the reference point of what these clips allow from the sound itself.
+Prints a line per 300 steps and writes `probe_listening.json` beside the manifests (or to --out).
 """
 from __future__ import annotations
 
@@ -35,15 +38,19 @@ N_CODES = 4096 + 64  # a SNAC layer's local ids: 4096 codes + the 64 audio speci
 
 
 class Probe(nn.Module):
-    def __init__(self, d: int = 64):
+    def __init__(self, d: int = 64, n_mels: int = 0):
         super().__init__()
-        self.emb = nn.ModuleList(nn.Embedding(N_CODES, d) for _ in range(7))
+        self.emb = nn.ModuleList(nn.Embedding(N_CODES, d) for _ in range(7)) if not n_mels else None
+        self.mel = nn.Linear(n_mels, d) if n_mels else None
         self.conv = nn.Conv1d(d, d, 3, padding=2)
         self.gru = nn.GRU(d, d, batch_first=True)
         self.out = nn.Linear(d, 1)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # frames (B, T, 7) -> logits (B, T)
-        x = sum(e(frames[..., j]) for j, e in enumerate(self.emb)) / 7                  # (B, T, d)
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # codes (B, T, 7) or mel (B, T, n_mels) -> (B, T)
+        if self.mel is not None:
+            x = self.mel(frames)                                                          # (B, T, d)
+        else:
+            x = sum(e(frames[..., j]) for j, e in enumerate(self.emb)) / 7                # (B, T, d)
         x = torch.relu(self.conv(x.transpose(1, 2))[..., : frames.shape[1]].transpose(1, 2))  # causal
         return self.out(self.gru(x)[0]).squeeze(-1)
 
@@ -52,13 +59,25 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
 
 
+def add_mel(clips: list[dict], folder: Path, n_mels: int = 80) -> None:
+    """c["mel"] = (frames, n_mels): the clip's Whisper log-mel averaged over each SNAC frame's 85.33 ms."""
+    from omnitalk.audio import load_audio, log_mel_spectrogram
+
+    for c in clips:
+        mel = log_mel_spectrogram(load_audio(folder / c["listen_audio"]), n_mels, padding_to=None)  # (80, 100/s)
+        n = len(c["labels"])
+        edges = [round(f * 2048 / 24000 * 100) for f in range(n + 1)]
+        c["mel"] = torch.stack([mel[:, a:max(b, a + 1)].mean(-1) for a, b in zip(edges, edges[1:])])
+
+
 def batch(clips: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(c["listen_frames"]) for c in clips)
-    X = torch.zeros(len(clips), T, 7, dtype=torch.long)
+    T = max(len(c["labels"]) for c in clips)
+    mel = "mel" in clips[0]
+    X = torch.zeros(len(clips), T, clips[0]["mel"].shape[1]) if mel else torch.zeros(len(clips), T, 7, dtype=torch.long)
     Y = torch.full((len(clips), T), -1.0)
     for i, c in enumerate(clips):
-        n = len(c["listen_frames"])
-        X[i, :n] = torch.tensor(c["listen_frames"])
+        n = len(c["labels"])
+        X[i, :n] = c["mel"] if mel else torch.tensor(c["listen_frames"])
         Y[i, :n] = torch.tensor(c["labels"], dtype=torch.float32)
     return X, Y
 
@@ -80,6 +99,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("world", type=Path, help="a world folder with interrupt_train.jsonl / interrupt_eval.jsonl")
     ap.add_argument("--n-train", type=int, default=None, help="use only the first N training clips")
+    ap.add_argument("--input", choices=("codes", "mel"), default="codes",
+                    help="the clips' SNAC frames (what the model hears) or their audio's log-mel")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -97,7 +118,9 @@ def main(argv=None) -> int:
     held = load(a.world / "interrupt_eval.jsonl")
     if not train or not held:
         raise SystemExit(f"{a.world}: no interruption clips; make the world with n_interrupt_train/eval > 0")
-    model = Probe()
+    if a.input == "mel":
+        add_mel(train + held, a.world)  # listen_audio paths are relative to the manifests' folder
+    model = Probe(n_mels=80 if a.input == "mel" else 0)
     opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.05)
     rows, t0 = [], time.perf_counter()
     for step in range(1, a.steps + 1):
@@ -113,7 +136,7 @@ def main(argv=None) -> int:
             print(f"step {step:5d}  loss {loss.item():.3f}  training clips F1 {tr['f1']:.2f} false "
                   f"{tr['false_interruption_rate']:.2f}  |  held-out F1 {ho['f1']:.2f} false "
                   f"{ho['false_interruption_rate']:.2f} median {ho['median_delay_ms']}", flush=True)
-    res = {"world": str(a.world), "n_train": len(train), "n_held_out": len(held), "steps": a.steps,
+    res = {"world": str(a.world), "input": a.input, "n_train": len(train), "n_held_out": len(held), "steps": a.steps,
            "seconds": round(time.perf_counter() - t0, 1), "final": rows[-1], "curve": rows}
     out = a.out or a.world / "probe_listening.json"
     out.write_text(json.dumps(res, indent=2) + "\n")

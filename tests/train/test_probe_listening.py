@@ -60,6 +60,35 @@ def test_probe_detects_a_command_present_in_the_codes(world):
     assert held["median_delay_ms"] is not None and 0 < held["median_delay_ms"] <= 2 * 85.34
 
 
+def test_probe_on_log_mel_hears_a_tone_command(tmp_path):
+    """--input mel reads each clip's audio: a 1-kHz tone of 3 frames in noise is the 'command'."""
+    import numpy as np
+    import soundfile as sf
+
+    (tmp_path / "interrupt").mkdir()
+    for split, n, seed in (("train", 48, 0), ("eval", 16, 1)):
+        clips = _clips(n, seed, split)
+        rng = np.random.default_rng(seed)
+        for c in clips:
+            T = len(c["labels"])
+            x = 0.05 * rng.standard_normal(T * 2048).astype(np.float32)
+            if c["command_start_ms"] is not None:
+                at = round(c["command_start_ms"] / 85.33)
+                t = np.arange(3 * 2048) / 24000
+                x[at * 2048:(at + 3) * 2048] += 0.5 * np.sin(2 * np.pi * 1000 * t)
+            c["listen_audio"] = f"interrupt/{c['id']}.wav"
+            sf.write(tmp_path / c["listen_audio"], x, 24000, subtype="PCM_16")
+        with (tmp_path / f"interrupt_{split}.jsonl").open("w") as fh:
+            for c in clips:
+                fh.write(json.dumps(c) + "\n")
+    out = tmp_path / "probe.json"
+    assert _probe().main([str(tmp_path), "--input", "mel", "--steps", "300", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["input"] == "mel"
+    held = res["final"]["held_out"]
+    assert held["f1"] >= 0.9 and held["false_interruption_rate"] <= 0.1, held
+
+
 def test_probe_refuses_a_world_without_clips(tmp_path):
     (tmp_path / "interrupt_train.jsonl").write_text("")
     (tmp_path / "interrupt_eval.jsonl").write_text("")
