@@ -32,9 +32,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omnitalk.eval.metrics import InterruptionMetrics  # noqa: E402
+from omnitalk.config import Config  # noqa: E402
+from omnitalk.eval.metrics import FRAME_MS, InterruptionMetrics  # noqa: E402
+from omnitalk.train.data import read_manifest  # noqa: E402
 
-N_CODES = 4096 + 64  # a SNAC layer's local ids: 4096 codes + the 64 audio specials
+N_CODES = Config().audio_vocab_size  # a SNAC layer's local ids: 4096 codes + the 64 audio specials
 
 
 class Probe(nn.Module):
@@ -55,30 +57,31 @@ class Probe(nn.Module):
         return self.out(self.gru(x)[0]).squeeze(-1)
 
 
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+def frame_mel(path: str, n_frames: int, n_mels: int = 80) -> torch.Tensor:
+    """(n_frames, n_mels): the audio's Whisper log-mel averaged over each SNAC frame's 85.33 ms."""
+    from omnitalk.audio import HOP, SAMPLE_RATE, load_audio, log_mel_spectrogram
+
+    mel = log_mel_spectrogram(load_audio(path), n_mels, padding_to=None)  # (n_mels, 100 per second)
+    edges = [round(f * FRAME_MS / 1000 * SAMPLE_RATE / HOP) for f in range(n_frames + 1)]
+    return torch.stack([mel[:, a:max(b, a + 1)].mean(-1) for a, b in zip(edges, edges[1:])])
 
 
-def add_mel(clips: list[dict], folder: Path, n_mels: int = 80) -> None:
-    """c["mel"] = (frames, n_mels): the clip's Whisper log-mel averaged over each SNAC frame's 85.33 ms."""
-    from omnitalk.audio import load_audio, log_mel_spectrogram
-
+def with_inputs(clips: list[dict], input: str) -> list[dict]:
+    """Each clip's detector input, made once: c["x"] = codes (T, 7) long or log-mel (T, 80); c["y"] (T,)."""
     for c in clips:
-        mel = log_mel_spectrogram(load_audio(folder / c["listen_audio"]), n_mels, padding_to=None)  # (80, 100/s)
-        n = len(c["labels"])
-        edges = [round(f * 2048 / 24000 * 100) for f in range(n + 1)]
-        c["mel"] = torch.stack([mel[:, a:max(b, a + 1)].mean(-1) for a, b in zip(edges, edges[1:])])
+        T = len(c["labels"])
+        c["x"] = frame_mel(c["listen_audio"], T) if input == "mel" else torch.tensor(c["listen_frames"])
+        c["y"] = torch.tensor(c["labels"], dtype=torch.float32)
+    return clips
 
 
 def batch(clips: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(c["labels"]) for c in clips)
-    mel = "mel" in clips[0]
-    X = torch.zeros(len(clips), T, clips[0]["mel"].shape[1]) if mel else torch.zeros(len(clips), T, 7, dtype=torch.long)
+    """Clips padded to the longest: inputs (B, T, ...) and labels (B, T), -1 where there is no frame."""
+    T = max(len(c["y"]) for c in clips)
+    X = clips[0]["x"].new_zeros((len(clips), T, *clips[0]["x"].shape[1:]))
     Y = torch.full((len(clips), T), -1.0)
     for i, c in enumerate(clips):
-        n = len(c["labels"])
-        X[i, :n] = c["mel"] if mel else torch.tensor(c["listen_frames"])
-        Y[i, :n] = torch.tensor(c["labels"], dtype=torch.float32)
+        X[i, : len(c["y"])], Y[i, : len(c["y"])] = c["x"], c["y"]
     return X, Y
 
 
@@ -114,12 +117,12 @@ def main(argv=None) -> int:
         if not (a.world / name).is_file():
             raise SystemExit(f"{a.world / name} not found: give a world folder made with interruption clips "
                              "(scripts/train_small.py writes runs/small/world)")
-    train = load(a.world / "interrupt_train.jsonl")[: a.n_train]
-    held = load(a.world / "interrupt_eval.jsonl")
+    # validated records, listen_audio resolved against the manifest's folder
+    train = read_manifest(a.world / "interrupt_train.jsonl", check_files=a.input == "mel")[: a.n_train]
+    held = read_manifest(a.world / "interrupt_eval.jsonl", check_files=a.input == "mel")
     if not train or not held:
         raise SystemExit(f"{a.world}: no interruption clips; make the world with n_interrupt_train/eval > 0")
-    if a.input == "mel":
-        add_mel(train + held, a.world)  # listen_audio paths are relative to the manifests' folder
+    with_inputs(train + held, a.input)
     model = Probe(n_mels=80 if a.input == "mel" else 0)
     opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.05)
     rows, t0 = [], time.perf_counter()
