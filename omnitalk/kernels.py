@@ -67,7 +67,21 @@ def info() -> str:
     """One line for `omnitalk info` / the bench header."""
     if not available():
         return f"omnitalk kernels: off ({_state.get('why', '?')})"
-    return f"omnitalk kernels: gemv ({_state['isa']})"
+    act = ", int8 x 8-bit activations (vnni)" if torch.ops.omnitalk.int8_activations() else ""
+    return f"omnitalk kernels: gemv ({_state['isa']}{act})"
+
+
+def int8_activations() -> bool:
+    """Whether int8 weights meet 8-bit activations (blocks of 64, AVX-512 VNNI) in `gemv`: the default
+    where the CPU has VNNI; OMNITALK_INT8_ACT=0 keeps fp32 activations (docs/performance.md has the cost)."""
+    return available() and bool(torch.ops.omnitalk.int8_activations())
+
+
+def set_int8_activations(on: bool) -> bool:
+    """Turn 8-bit activations for int8 weights on or off for this process; returns the previous setting."""
+    if not available():
+        return False
+    return bool(torch.ops.omnitalk.set_int8_activations(bool(on)))
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

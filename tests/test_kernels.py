@@ -23,9 +23,17 @@ def _reference(x, w, scale=None):
     return y if scale is None else y * scale.double()
 
 
+@pytest.fixture
+def fp32_activations():
+    """int8 weights with fp32 activations (the 8-bit-activation path has its own tests below)."""
+    prev = kernels.set_int8_activations(False)
+    yield
+    kernels.set_int8_activations(prev)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
-def test_gemv_matches_float64(dtype, rows):
+def test_gemv_matches_float64(dtype, rows, fp32_activations):
     gen = torch.Generator().manual_seed(rows)
     # K not a multiple of 16 or 8 (the scalar tail), N not a multiple of the row block
     for n, k in [(1163, 896), (37, 203), (5, 8)]:
@@ -37,6 +45,61 @@ def test_gemv_matches_float64(dtype, rows):
             ref = _reference(x, w, None if s is None else s.float())
             err = (y.double() - ref).abs().max() / ref.abs().max()
             assert err < 2e-6, (dtype, rows, n, k, err.item())
+
+
+def _q8_reference(x, q, scale):
+    """The 8-bit-activation product in float64: x quantised per block of 64 (scale = amax / 127, round
+    half to even, |q| <= 127), exact integer block dot products, block scale, then the row scale."""
+    M, K = x.shape
+    xb = x.double().view(M, K // 64, 64)
+    amax = xb.abs().amax(-1, keepdim=True)
+    xq = torch.where(amax > 0, torch.round(xb * (127 / amax)), torch.zeros_like(xb)).clamp(-127, 127)
+    d = torch.einsum("mbk,nbk->mnb", xq, q.double().view(q.shape[0], K // 64, 64))
+    return (d * (amax.squeeze(-1) / 127)[:, None, :]).sum(-1) * scale.double()[None]
+
+
+vnni = pytest.mark.skipif(not kernels.int8_activations(), reason="no AVX-512 VNNI (or OMNITALK_INT8_ACT=0)")
+
+
+@vnni
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
+def test_int8_weights_with_8bit_activations(rows):
+    """K a multiple of 64: the VNNI path equals its float64 definition to float rounding, stays within
+    the activation quantisation's error of the fp32-activation product, and takes a zero block."""
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in [(1163, 896), (37, 4864), (5, 64)]:
+        x = torch.randn(rows, k, generator=gen) * (torch.rand(k, generator=gen) * 8)  # uneven channels
+        x[:, k - 64:] = 0 if k > 64 else x[:, k - 64:]                                 # an all-zero block
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        scale = (torch.rand(n, generator=gen) * 0.02).bfloat16()
+        y = kernels.gemv(x, q, scale)
+        ref = _q8_reference(x, q, scale.float())
+        assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6, (rows, n, k)
+        full = _reference(x, q, scale.float())
+        assert ((y.double() - full).abs().max() / full.abs().max()) < 0.03, (rows, n, k)
+    # K not a multiple of 64: fp32 activations, as before
+    x, q = torch.randn(rows, 203, generator=gen), torch.randint(-127, 128, (9, 203), dtype=torch.int8, generator=gen)
+    ref = _reference(x, q)
+    assert ((kernels.gemv(x, q).double() - ref).abs().max() / ref.abs().max()) < 2e-6
+
+
+@vnni
+def test_8bit_activations_swiglu_and_switch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 896, generator=gen)
+    w1, w2 = (torch.randint(-127, 128, (300, 896), dtype=torch.int8, generator=gen) for _ in range(2))
+    s1, s2 = (torch.rand(300, generator=gen) * 0.01 for _ in range(2))
+    y = torch.ops.omnitalk.gemv_swiglu(x, w1, s1, w2, s2)
+    g, u = _q8_reference(x, w1, s1), _q8_reference(x, w2, s2)
+    ref = torch.nn.functional.silu(g) * u
+    assert ((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6
+    assert kernels.set_int8_activations(False) is True and not kernels.int8_activations()
+    try:
+        full = _reference(x, w1, s1)
+        assert ((kernels.gemv(x, w1, s1).double() - full).abs().max() / full.abs().max()) < 2e-6
+    finally:
+        assert kernels.set_int8_activations(True) is False
+    assert "int8 x 8-bit activations (vnni)" in kernels.info()
 
 
 def test_gemv_shapes_slices_and_other_input_dtypes():

@@ -3,14 +3,15 @@
 // A decode step multiplies one or two activation rows by every weight matrix once, so its speed is the
 // speed at which the weights stream from memory. These kernels stream each weight row exactly once for
 // all M rows, widen it to fp32 in registers (int8 -> fp32, bf16 -> fp32, or fp32 as is) and accumulate
-// with fp32 FMAs: weight-only quantisation, activations stay fp32. Work is split over output rows with
+// with fp32 FMAs: weight-only quantisation, activations stay fp32 — except int8 weights on a CPU with
+// AVX-512 VNNI, where the activation rows are quantised to 8 bits per block of 64 (see q8_block below). Work is split over output rows with
 // ATen's thread pool (at::parallel_for), so every thread streams one contiguous block of the weight.
 // gemv_swiglu computes a SwiGLU MLP's first half, silu(x . W1^T) * (x . W2^T), in one pass over both
 // matrices. dequant_bf16 widens int8 weights to bf16 for the prefill's GEMM.
 //
 // AVX-512 and AVX2 bodies are compiled with target attributes and chosen at run time, so the built
 // library also runs on a CPU without AVX-512. Registered as torch.ops.omnitalk.gemv / gemv_swiglu /
-// dequant_bf16 / isa.
+// dequant_bf16 / isa / set_int8_activations / int8_activations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,6 +19,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -140,6 +142,124 @@ T256 void block256(const Args& a, const float* x, float* y, int64_t n0, int64_t 
   if (n < n1) block256<M, 1, W>(a, x, y, n, n1);
 }
 
+// ---- int8 weights x 8-bit activations (AVX-512 VNNI) ------------------------------------------------
+// With int8 weights the fp32 path above is bound by the widening (int8 -> int32 -> fp32, then one FMA per
+// activation row) rather than by memory. Here the activation rows are quantised too, in blocks of 64
+// (one scale per block, round to nearest, |q| <= 127, as llama.cpp's Q8_0 activations), and each block
+// of 64 weights costs one vpdpbusd per row: an exact integer dot product, scaled by the block's scale
+// into an fp32 accumulator. vpdpbusd multiplies unsigned by signed bytes, so the weights enter as
+// w + 128 (a sign-bit flip) and 128 * sum(q) of every block is taken back out per row.
+constexpr int64_t QB = 64;  // activation block
+
+struct QAct {
+  at::Tensor q;      // (M, K) int8
+  at::Tensor s;      // (M, K / QB) fp32 block scales
+  at::Tensor corr;   // (M,) fp32: 128 * sum_b s_b * sum(q in block b)
+};
+
+QAct quantize_act(const float* x, int64_t M, int64_t K) {
+  QAct a{at::empty({M, K}, at::kChar), at::empty({M, K / QB}, at::kFloat), at::empty({M}, at::kFloat)};
+  int8_t* q = a.q.data_ptr<int8_t>();
+  float* s = a.s.data_ptr<float>();
+  float* corr = a.corr.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    double c = 0;
+    for (int64_t b = 0; b < K / QB; ++b) {
+      const float* xb = x + m * K + b * QB;
+      float amax = 0.f;
+      for (int64_t k = 0; k < QB; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < QB; ++k) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(xb[k] * inv));
+        q[m * K + b * QB + k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+        sum += q[m * K + b * QB + k];
+      }
+      s[m * (K / QB) + b] = sc;
+      c += 128.0 * sc * sum;
+    }
+    corr[m] = static_cast<float>(c);
+  }
+  return a;
+}
+
+#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+template <int M, int NB>
+TVNNI void q8_block(const Args& a, const QAct& qa, int64_t m0, float* y, int64_t n0, int64_t n1) {
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  const int64_t K = a.K, KB = K / QB;
+  const int8_t* xq = qa.q.data_ptr<int8_t>() + m0 * K;
+  const float* xs = qa.s.data_ptr<float>() + m0 * KB;
+  const float* corr = qa.corr.data_ptr<float>() + m0;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t PF = std::max<int64_t>(1, PF_BYTES / (NB * K));
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][M];
+    for (int i = 0; i < NB; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+    const char* pf = reinterpret_cast<const char*>(w + (n + PF * NB) * K);
+    for (int64_t b = 0; b < KB; ++b) {
+      if (n + (PF + 1) * NB <= n1)
+        for (int i = 0; i < NB; ++i) _mm_prefetch(pf + i * K + b * QB, _MM_HINT_T0);
+      __m512i xv[M];
+      __m512 sv[M];
+      for (int m = 0; m < M; ++m) {
+        xv[m] = _mm512_loadu_si512(xq + m * K + b * QB);
+        sv[m] = _mm512_set1_ps(xs[m * KB + b]);
+      }
+      for (int i = 0; i < NB; ++i) {
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + (n + i) * K + b * QB), flip);
+        for (int m = 0; m < M; ++m) {
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[m]);
+          acc[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv[m], acc[i][m]);
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i) {
+      const float sc = scale_at(a, n + i);
+      for (int m = 0; m < M; ++m) y[m * a.N + n + i] = (_mm512_reduce_add_ps(acc[i][m]) - corr[m]) * sc;
+    }
+  }
+  if (n < n1) q8_block<M, 1>(a, qa, m0, y, n, n1);
+}
+
+// Rows [n0, n1) of y for every activation row, 8-bit activations.
+void q8_rows(const Args& a, const QAct& qa, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    float* y = a.y + m0 * a.N;
+    switch (std::min<int64_t>(4, a.M - m0)) {
+      case 1: q8_block<1, 4>(a, qa, m0, y, n0, n1); break;
+      case 2: q8_block<2, 4>(a, qa, m0, y, n0, n1); break;
+      case 3: q8_block<3, 2>(a, qa, m0, y, n0, n1); break;
+      default: q8_block<4, 2>(a, qa, m0, y, n0, n1); break;
+    }
+  }
+}
+
+inline bool has_vnni() {
+  static const bool yes = omnitalk_isa::has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+// 8-bit activations for int8 weights: on by default where the CPU has AVX-512 VNNI; OMNITALK_INT8_ACT=0
+// (or set_int8_activations(False)) keeps fp32 activations.
+std::atomic<bool>& act8_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("OMNITALK_INT8_ACT");
+    return !(v && (std::string(v) == "0" || std::string(v) == "off" || std::string(v) == "false"));
+  }()};
+  return on;
+}
+
+inline bool use_q8(const Args& a, at::ScalarType t) {
+  return t == at::kChar && a.K % QB == 0 && act8_flag().load(std::memory_order_relaxed) && has_vnni();
+}
+
+bool set_int8_activations(bool on) { return act8_flag().exchange(on); }
+bool int8_activations() { return act8_flag().load() && has_vnni(); }
+
 using omnitalk_isa::has_avx2;
 using omnitalk_isa::has_avx512;
 
@@ -219,8 +339,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   at::Tensor y = at::empty({a.M, a.N}, x.options());
   a.y = y.data_ptr<float>();
   const auto t = w.scalar_type();
+  const bool q8 = use_q8(a, t);
+  const QAct qa = q8 ? quantize_act(a.x, a.M, a.K) : QAct{};
   at::parallel_for(0, a.N, grain(a.N), [&](int64_t n0, int64_t n1) {
-    rows_any(a, t, n0, n1);
+    if (q8) q8_rows(a, qa, n0, n1); else rows_any(a, t, n0, n1);
     if (b)
       for (int64_t m = 0; m < a.M; ++m)
         for (int64_t n = n0; n < n1; ++n) a.y[m * a.N + n] += b[n];
@@ -239,9 +361,16 @@ at::Tensor gemv_swiglu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
   a1.y = y.data_ptr<float>();
   a2.y = up.data_ptr<float>();
   const auto t = w1.scalar_type();
+  const bool q8 = use_q8(a1, t);
+  const QAct qa = q8 ? quantize_act(a1.x, a1.M, a1.K) : QAct{};
   at::parallel_for(0, a1.N, grain(a1.N), [&](int64_t n0, int64_t n1) {
-    rows_any(a1, t, n0, n1);
-    rows_any(a2, t, n0, n1);
+    if (q8) {
+      q8_rows(a1, qa, n0, n1);
+      q8_rows(a2, qa, n0, n1);
+    } else {
+      rows_any(a1, t, n0, n1);
+      rows_any(a2, t, n0, n1);
+    }
     for (int64_t m = 0; m < a1.M; ++m)
       for (int64_t n = n0; n < n1; ++n) {
         const float g = a1.y[m * a1.N + n];
@@ -305,6 +434,8 @@ TORCH_LIBRARY(omnitalk, m) {
   m.def("gemv_swiglu(Tensor x, Tensor w1, Tensor? s1, Tensor w2, Tensor? s2) -> Tensor");
   m.def("dequant_bf16(Tensor q, Tensor scale, Tensor(a!)? into=None) -> Tensor");
   m.def("isa() -> str", &isa);
+  m.def("set_int8_activations(bool on) -> bool", &set_int8_activations);
+  m.def("int8_activations() -> bool", &int8_activations);
 }
 
 TORCH_LIBRARY_IMPL(omnitalk, CPU, m) {
