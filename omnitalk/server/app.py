@@ -88,13 +88,17 @@ def _model_name(model: OmniModel) -> str:
 def create_app(scheduler_or_model, api_key: str | None = None, limits: Limits | None = None, *,
                max_sessions: int = 8, stop_phrases: Iterable[str] = DEFAULT_STOP_PHRASES,
                transcriber: Callable[[np.ndarray], str] | None = None, server_vad: bool = True,
-               warmup: bool = False, model_name: str | None = None):
+               warmup: bool = False, model_name: str | None = None, stop_detector: str = "auto"):
     """Build the app around a `Scheduler` (shared, caller-owned) or an `OmniModel` (the app creates a
     Scheduler with `max_sessions`, starts it on startup and stops it on shutdown).
 
     transcriber: `audio_16k -> text` used for the stop command and input transcription (default: the
     scheduler's own ASR, at most 10 tokens for a stop-command window and 128 for a user turn). server_vad: default turn detection of new sessions (silero-vad; clients can
-    still switch it with session.update). warmup: run one short answer at startup.
+    still switch it with session.update). warmup: run one short answer at startup. stop_detector: how
+    the stop command is heard while the model talks: 'listening' (the model's own listening item; needs
+    a checkpoint trained on the interruption task), 'asr' (the model's ASR over the window, matched
+    against `stop_phrases`), or 'auto' (the checkpoint's `stop_detector` setting in model_config.yaml if
+    it has one, else 'listening' when the model has a listening head, else 'asr').
     """
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse
@@ -113,12 +117,12 @@ def create_app(scheduler_or_model, api_key: str | None = None, limits: Limits | 
         vad_model, vad_error = None, str(e)
         log.warning("server VAD disabled: %s", e)
 
+    detector = resolve_stop_detector(model, stop_detector) if transcriber is None else "asr"
     ctx = ServerContext(scheduler=scheduler, api_key=api_key, limits=limits,
                         model_name=model_name or _model_name(model), stop_phrases=tuple(stop_phrases),
                         transcriber=transcriber or asr(scheduler, 128),
                         command_transcriber=transcriber or command_asr(scheduler),
-                        command_detect=listening_head(scheduler) if transcriber is None and
-                        model.has_listening_head else None,
+                        command_detect=listening_head(scheduler) if detector == "listening" else None,
                         vad_model=vad_model, vad_error=vad_error, default_vad=server_vad and vad_model is not None)
 
     @contextlib.asynccontextmanager
@@ -178,6 +182,23 @@ def command_asr(scheduler) -> Callable[[np.ndarray], str]:
     def run(x: np.ndarray) -> str:
         return asr(scheduler, 4 + int(4 * len(x) / 16000))(x)
     return run
+
+
+STOP_DETECTORS = ("auto", "asr", "listening")
+
+
+def resolve_stop_detector(model: OmniModel, choice: str = "auto") -> str:
+    """'asr' or 'listening' for `model` (see create_app's stop_detector)."""
+    if choice not in STOP_DETECTORS:
+        raise ValueError(f"stop_detector must be one of {', '.join(STOP_DETECTORS)}; got {choice!r}")
+    if choice == "auto":
+        choice = model.cfg.extra.get("stop_detector") or ("listening" if model.has_listening_head else "asr")
+        if choice not in STOP_DETECTORS[1:]:
+            raise ValueError(f"model_config.yaml: stop_detector must be 'asr' or 'listening'; got {choice!r}")
+    if choice == "listening" and not model.has_listening_head:
+        raise ValueError("stop_detector 'listening' needs a checkpoint trained on the interruption task "
+                         "(model_config.yaml: interrupt_trained: true); use 'asr'")
+    return choice
 
 
 def listening_head(scheduler, command: str = "stop omni") -> Callable[[np.ndarray], str | None]:

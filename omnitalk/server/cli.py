@@ -23,8 +23,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Loads the model once and serves ws://HOST:PORT/v1/realtime (OpenAI Realtime API), "
                     "POST /chat (the official Mini-Omni2 protocol) and the web page at http://HOST:PORT/.")
     p.add_argument("--checkpoint", default=os.environ.get("OMNITALK_CHECKPOINT") or "checkpoint",
-                   metavar="DIR_OR_REPO", help="checkpoint directory or hub repo id (default: $OMNITALK_CHECKPOINT "
-                                                 "or ./checkpoint)")
+                   metavar="DIR_OR_REPO", help="checkpoint directory, hub repo id, or 'demo' (the embedded demo "
+                                                 "model; also used when an empty checkpoint cannot be downloaded). "
+                                                 "Default: $OMNITALK_CHECKPOINT or ./checkpoint")
     p.add_argument("--random-weights", metavar="PRESET", choices=("tiny", "mini-omni2"), default=None,
                    help="serve a random-weight model of this preset instead of a checkpoint (tests, demos)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
@@ -40,6 +41,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent conversations (default 8)")
     p.add_argument("--stop-phrase", action="append", dest="stop_phrases", metavar="PHRASE",
                    help='spoken command that stops an answer (repeatable; default "stop omni", "omni stop")')
+    p.add_argument("--stop-detector", choices=("auto", "asr", "listening"), default="auto",
+                   help="how the stop command is heard while the model talks: listening = the model's own "
+                        "listening item (interruption-trained checkpoints), asr = its ASR matched against the "
+                        "stop phrases; auto (default): the checkpoint's stop_detector setting, else listening "
+                        "when the model has that head, else asr")
     p.add_argument("--no-vad", action="store_true", help="sessions start without server VAD (clients may "
                                                          "still enable it)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up answer at startup")
@@ -67,16 +73,18 @@ def run(args) -> int:
         model = OmniModel.from_random(args.random_weights, device=args.device, mode=args.mode)
         name = f"random-{args.random_weights}"
     else:
+        from omnitalk import demo
+
         log.info("loading %s", args.checkpoint)
-        model = OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode,
-                                          download=not args.no_download)
-        name = None
+        model, used = demo.load_model(args.checkpoint, device=args.device, mode=args.mode,
+                                      download=not args.no_download, say=log.warning)
+        name = "omnitalk-demo" if used != args.checkpoint else None
     if args.whisper_window:
         model.whisper_window = args.whisper_window
     limits = Limits()
     app = create_app(model, api_key=args.api_key, limits=limits, max_sessions=args.max_sessions,
                      stop_phrases=tuple(args.stop_phrases or DEFAULT_STOP_PHRASES), server_vad=not args.no_vad,
-                     warmup=not args.no_warmup, model_name=name)
+                     warmup=not args.no_warmup, model_name=name, stop_detector=args.stop_detector)
     host = args.host
     shown = f"[{host}]" if ":" in host else host
     log.info("omnitalk is serving on http://%s:%d/  (realtime: ws://%s:%d/v1/realtime, /chat)%s",

@@ -123,3 +123,22 @@ def test_serve_arguments():
     assert (a.checkpoint, a.host, a.port, a.api_key, a.max_sessions, a.random_weights, a.stop_phrases) == \
         ("ck", "127.0.0.1", 9000, "K", 3, "tiny", ["halt omni"])
     assert callable(a.run)
+
+
+def test_stop_detector_choice():
+    from types import SimpleNamespace
+
+    from omnitalk.server.app import resolve_stop_detector
+
+    def model(extra, head):
+        return SimpleNamespace(cfg=SimpleNamespace(extra=extra), has_listening_head=head)
+    assert resolve_stop_detector(model({}, False)) == "asr"                        # the released weights
+    assert resolve_stop_detector(model({}, True)) == "listening"                   # interruption-trained
+    assert resolve_stop_detector(model({"stop_detector": "asr"}, True)) == "asr"   # its config says otherwise
+    assert resolve_stop_detector(model({"stop_detector": "asr"}, True), "listening") == "listening"
+    with pytest.raises(ValueError, match="needs a checkpoint trained on the interruption task"):
+        resolve_stop_detector(model({}, False), "listening")
+    with pytest.raises(ValueError, match="must be one of auto, asr, listening"):
+        resolve_stop_detector(model({}, True), "whisper")
+    with pytest.raises(ValueError, match="model_config.yaml: stop_detector must be 'asr' or 'listening'"):
+        resolve_stop_detector(model({"stop_detector": "ears"}, True))
