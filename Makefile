@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   answer the bundled spoken question about the bundled image (downloads the released weights)
+#   make demo   answer the bundled spoken question about the bundled picture: the released weights (downloaded
+#               once into ./checkpoint), or, where they cannot be fetched, the embedded demo model
 #   make test   run the whole test suite
 PY      ?= python3
 VENV    := .venv
@@ -37,7 +38,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/omnitalk chat --checkpoint $(CKPT) --audio examples/question.wav --image examples/shapes.png --out answer.wav
+	$(BIN)/omnitalk chat --checkpoint $(CKPT) --audio omnitalk/demo_model/question.wav --image omnitalk/demo_model/scene.png --out answer.wav
 
 parity: $(STAMP)
 	$(BIN)/python -m omnitalk.testing.parity tests/fixtures/parity --manifests tests/fixtures/parity/manifests

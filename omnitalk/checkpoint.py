@@ -43,7 +43,8 @@ def missing_files(ckpt: str | Path) -> list[str]:
         need = list(OFFICIAL_FILES)
         if not any((ckpt / f).is_file() for f in CLIP_FILES):
             need.append(CLIP_FILES[0])
-    if not all((ckpt / f).is_file() for f in SNAC_FILES):
+    snac_weights = ("snac/pytorch_model.bin", "snac/model.safetensors")  # the release's / omnitalk train-codec's
+    if not ((ckpt / SNAC_FILES[0]).is_file() and any((ckpt / f).is_file() for f in snac_weights)):
         need += list(SNAC_FILES)
     return [f for f in need if not (ckpt / f).is_file()]
 

@@ -2,6 +2,7 @@
 
     omnitalk chat --audio examples/question.wav --image examples/shapes.png   # speech + text answer
     omnitalk chat --text "What is the capital of France?" --reply text
+    omnitalk chat --checkpoint demo --audio omnitalk/demo_model/question.wav --image omnitalk/demo_model/scene.png
     omnitalk transcribe question.wav
     omnitalk download [--checkpoint DIR]
     omnitalk convert SRC DST
@@ -49,7 +50,9 @@ def default_checkpoint() -> str:
 
 def _add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=default_checkpoint(), metavar="DIR_OR_REPO",
-                   help="checkpoint directory or hub repo id (default: $OMNITALK_CHECKPOINT or ./checkpoint)")
+                   help="checkpoint directory, hub repo id, or 'demo' for the embedded demo model (default: "
+                        "$OMNITALK_CHECKPOINT or ./checkpoint; an empty one that cannot be downloaded falls back "
+                        "to the demo model)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -70,11 +73,12 @@ def add_whisper_window_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args):
-    from omnitalk.engine import OmniModel, resolve_device
+    from omnitalk import demo
+    from omnitalk.engine import resolve_device
 
     resolve_device(args.device)  # fail fast on a bad --device, before any loading
-    model = OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=args.mode,
-                                      download=not args.no_download)
+    model, args.model_used = demo.load_model(args.checkpoint, device=args.device, mode=args.mode,
+                                             download=not args.no_download)
     if getattr(args, "whisper_window", None):
         model.whisper_window = args.whisper_window
     return model
@@ -148,8 +152,7 @@ def run_chat(args) -> int:
     sys.stdout.flush()
     elapsed = time.perf_counter() - t0
 
-    where = model.path or args.checkpoint
-    summary = [f"model {where} (loaded in {t_load:.1f} s)"]
+    summary = [f"model {args.model_used} (loaded in {t_load:.1f} s)"]
     if speak:
         pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
         if len(pcm):

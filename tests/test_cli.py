@@ -75,11 +75,14 @@ def test_info(capsys):
 
 
 def test_missing_checkpoint_offline(capsys, tmp_path, monkeypatch):
+    """No weights and no way to fetch them: the embedded demo model answers and the user is told why
+    and how to get the released weights (tests/test_demo.py has the rest of the fallback's rules)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = run(capsys, "chat", "--checkpoint", tmp_path / "nowhere", *TEXT)
-    assert code == 2
-    assert err.startswith("omnitalk: error: ") and "Traceback" not in err
-    assert "lit_model.pth" in err and "small.pt" in err and "omnitalk download" in err
+    assert code == 0, err
+    assert "Traceback" not in err and out.strip()
+    assert f"no released weights in {tmp_path / 'nowhere'} (HF_HUB_OFFLINE is set)" in err
+    assert f"omnitalk download --checkpoint {tmp_path / 'nowhere'}" in err
 
 
 def test_failed_download_lists_missing_files(capsys, tmp_path, monkeypatch):
@@ -91,8 +94,15 @@ def test_failed_download_lists_missing_files(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", no_network)
     code, _, err = run(capsys, "chat", "--checkpoint", tmp_path / "new", *TEXT)
-    assert code == 2
+    assert code == 0, err                   # the demo model stood in, saying why
     assert not (tmp_path / "new").exists()  # a failed download leaves no empty checkpoint folder behind
+    assert "the download failed: ConnectionError: ConnectError: no route to huggingface.co" in err
+    assert "omnitalk download" in err and "the embedded demo model" in err
+
+    (tmp_path / "partial").mkdir()          # a folder with files: the download error itself, no demo
+    (tmp_path / "partial" / "model_config.yaml").write_text("n_layer: 1\n")
+    code, _, err = run(capsys, "chat", "--checkpoint", tmp_path / "partial", *TEXT)
+    assert code == 2 and "demo" not in err
     assert "ConnectError" in err and "lit_model.pth" in err and "omnitalk download" in err
 
 

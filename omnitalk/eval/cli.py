@@ -197,7 +197,8 @@ def evaluate_pairs(pairs: Sequence[dict], recognizer=None, progress: bool = True
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--checkpoint", default=os.environ.get("OMNITALK_CHECKPOINT") or "checkpoint", metavar="DIR",
-                   help="checkpoint directory or hub repo id (default: $OMNITALK_CHECKPOINT or ./checkpoint)")
+                   help="checkpoint directory, hub repo id, or 'demo' (the embedded demo model) "
+                        "(default: $OMNITALK_CHECKPOINT or ./checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-download", action="store_true", help="never fetch missing checkpoint files")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N items only")
@@ -251,6 +252,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_model(args):
+    from omnitalk import demo
+    if args.checkpoint == demo.NAME:  # the embedded demo model (its LLM is stored in int8)
+        return demo.load_model(demo.NAME, device=args.device)[0]
     from omnitalk.engine import OmniModel
     return OmniModel.from_pretrained(args.checkpoint, device=args.device, download=not args.no_download)
 

@@ -1,0 +1,92 @@
+"""The embedded demo model (omnitalk/demo_model, docs/demo-model.md): shipped, small, loadable offline, and
+what the command line falls back to when a checkpoint folder is empty and nothing can be downloaded."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from omnitalk import cli, demo
+from omnitalk.errors import CheckpointError
+
+CARD = json.loads((demo.DIR / "card.json").read_text()) if (demo.DIR / "card.json").is_file() else None
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_package_carries_the_demo_model_within_its_budget():
+    assert demo.available(), f"missing: {demo.DIR}"
+    files = [f for f in demo.DIR.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 40e6
+    assert {"omnitalk.safetensors", "model_config.yaml", "tokenizer.json", "snac/config.json",
+            "snac/model.safetensors", "question.wav", "scene.png", "card.json"} <= \
+        {str(f.relative_to(demo.DIR)) for f in files}
+    info = sf.info(str(demo.QUESTION))
+    assert (info.samplerate, info.channels) == (16000, 1) and 0.5 < info.duration < 5.0
+
+
+def test_nothing_here(tmp_path):
+    assert demo._nothing_here(str(tmp_path / "absent"))
+    assert demo._nothing_here(str(tmp_path))                 # an empty folder
+    (tmp_path / "model_config.yaml").write_text("n_layer: 1\n")
+    assert not demo._nothing_here(str(tmp_path))             # some files: never replaced by the demo
+    assert not demo._nothing_here("gpt-omni/mini-omni2")     # a hub repo id asks for those weights
+    assert demo._nothing_here("checkpoint") == (not (demo.Path("checkpoint").exists()
+                                                     and any(demo.Path("checkpoint").iterdir())))
+
+
+def test_chat_with_the_demo_model_answers_in_text_and_speech(capsys, tmp_path):
+    out_wav = tmp_path / "answer.wav"
+    code, out, err = run(capsys, "chat", "--checkpoint", "demo", "--audio", demo.QUESTION,
+                         "--image", demo.SCENE, "--out", out_wav, "--max-tokens", 64)
+    assert code == 0, err
+    assert out.strip() == CARD["answer_to_bundled_question"]   # greedy: what the builder recorded
+    assert "the embedded demo model" in err
+    pcm, sr = sf.read(str(out_wav), dtype="int16")
+    assert sr == 24000 and len(pcm) >= 2048 and np.abs(pcm).max() > 100
+
+
+@pytest.mark.parametrize("how", ["no-download", "offline"])
+def test_an_empty_checkpoint_falls_back_to_the_demo_model(capsys, tmp_path, monkeypatch, how):
+    empty = tmp_path / "checkpoint"
+    empty.mkdir()
+    args = ["chat", "--checkpoint", empty, "--text", "what is two plus three", "--reply", "text"]
+    if how == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        args.append("--no-download")
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert f"no released weights in {empty}" in err
+    assert ("--no-download" if how == "no-download" else "HF_HUB_OFFLINE") in err
+    assert "omnitalk download --checkpoint" in err and "model the embedded demo model" in err
+    assert out.strip()
+
+
+def test_a_failed_download_falls_back_and_says_why(tmp_path, monkeypatch):
+    from omnitalk import checkpoint as ckpt_io
+
+    def unreachable(path, **kw):
+        raise CheckpointError(f"download into {path} failed (ConnectError: [Errno -2] Name or service not "
+                              "known). Still missing: lit_model.pth")
+    monkeypatch.setattr(ckpt_io, "download", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    said = []
+    model, used = demo.load_model(str(tmp_path / "nothing"), say=said.append)
+    assert used == demo.demo_description() and model.cfg.extra.get("interrupt_trained")
+    assert len(said) == 1 and "the download failed: ConnectError: [Errno -2] Name or service not known" in said[0]
+
+
+def test_a_partial_checkpoint_is_an_error_not_the_demo(capsys, tmp_path):
+    (tmp_path / "model_config.yaml").write_text("n_layer: 1\n")
+    code, out, err = run(capsys, "chat", "--checkpoint", tmp_path, "--no-download", "--text", "hi",
+                         "--reply", "text")
+    assert code == 2
+    assert "is incomplete; missing: lit_model.pth" in err and "omnitalk download" in err
+    assert "demo model" not in err
