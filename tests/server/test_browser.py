@@ -47,12 +47,17 @@ def server():
 
 @pytest.fixture()
 def browser(tmp_path):
+    yield from _chrome(tmp_path, ROOT / "examples" / "question.wav")
+
+
+def _chrome(tmp_path, question: Path):
+    """Headless Chromium whose fake microphone plays `question` once, with pauses around it."""
     import soundfile as sf
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     from omnitalk.audio import load_audio
-    q = load_audio(ROOT / "examples" / "question.wav")
+    q = load_audio(question)
     wav = tmp_path / "question.wav"   # the bundled question with a pause around it, played once
     sf.write(wav, np.concatenate([np.zeros(16000, np.float32), q, np.zeros(16000 * 4, np.float32)]), 16000,
              subtype="PCM_16")
@@ -114,3 +119,34 @@ def test_page_talks_and_can_be_interrupted(server, browser):
     time.sleep(1.0)
     assert drv.execute_script("return window.omnitalk.stats.audioChunks") == chunks   # nothing plays after stop
     assert not drv.execute_script("return window.omnitalk.sources.some(r => r.start + r.dur > window.omnitalk.ctx.currentTime)")
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    from omnitalk import demo
+    from omnitalk.server.app import BackgroundServer, create_app
+    if not demo.available():
+        pytest.skip("no embedded demo model")
+    app = create_app(demo.load_model("demo")[0], max_sessions=2)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def test_page_with_the_embedded_demo_model(demo_server, tmp_path):
+    """The page on the offline demo model: its spoken question comes through the fake microphone, the
+    server hears the turn, and the page shows an answer in the demo's own vocabulary and plays speech."""
+    import json
+
+    from omnitalk import demo
+    vocab = json.loads((demo.DIR / "tokenizer.json").read_text())["model"]["vocab"]
+    for drv in _chrome(tmp_path, demo.QUESTION):
+        drv.get(demo_server.url + "/")
+        drv.find_element("id", "connect").click()
+        wait_for(drv, "window.omnitalk.connected", 30)
+        wait_for(drv, "window.omnitalk.log.includes('input_audio_buffer.committed')", 60)
+        wait_for(drv, "window.omnitalk.stats.completed > 0", 120)
+        assert drv.execute_script("return window.omnitalk.stats.audioChunks") > 0
+        assert drv.execute_script("return window.omnitalk.stats.errors.length") == 0
+        bot = drv.execute_script("return [...document.querySelectorAll('.line.bot span')].map(e => e.textContent).join(' ')")
+        words = bot.split()
+        assert words and all(w in vocab for w in words), bot
