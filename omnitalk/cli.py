@@ -273,6 +273,8 @@ def run_info(args) -> int:
     _print_files(ckpt)
     print(f"hf cache    {HF_HUB_CACHE}")
     print(f"offline     {'yes (HF_HUB_OFFLINE)' if ckpt_io.is_offline() else 'no'}")
+    from omnitalk import demo
+    print(f"demo model  {demo.demo_description() if demo.available() else 'not in this installation'}")
     return 0
 
 

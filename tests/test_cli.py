@@ -69,7 +69,7 @@ def test_info(capsys):
     code, out, err = run(capsys, "info", "--checkpoint", CKPT)
     assert code == 0, err
     for word in ("omnitalk", "torch", "snac", "tokenizers", "numpy", "threads", "cuda", "mps", "hf cache",
-                 "offline", "present  lit_model.pth"):
+                 "offline", "present  lit_model.pth", "demo model  the embedded demo model ("):
         assert word in out
     assert "MISSING" not in out
 
