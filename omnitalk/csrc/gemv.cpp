@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "isa.h"
 
@@ -151,47 +152,56 @@ T256 void block256(const Args& a, const float* x, float* y, int64_t n0, int64_t 
 // w + 128 (a sign-bit flip) and 128 * sum(q) of every block is taken back out per row.
 constexpr int64_t QB = 64;  // activation block
 
+#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
 struct QAct {
-  at::Tensor q;      // (M, K) int8
-  at::Tensor s;      // (M, K / QB) fp32 block scales
-  at::Tensor corr;   // (M,) fp32: 128 * sum_b s_b * sum(q in block b)
+  const int8_t* q;     // (M, K)
+  const float* s;      // (M, K / QB) block scales
+  const float* corr;   // (M,): 128 * sum_b s_b * sum(q in block b)
 };
 
-QAct quantize_act(const float* x, int64_t M, int64_t K) {
-  QAct a{at::empty({M, K}, at::kChar), at::empty({M, K / QB}, at::kFloat), at::empty({M}, at::kFloat)};
-  int8_t* q = a.q.data_ptr<int8_t>();
-  float* s = a.s.data_ptr<float>();
-  float* corr = a.corr.data_ptr<float>();
+// Quantise the activation rows (called once per gemv, before the threads start; the buffers are the
+// calling thread's own and are reused, so a decode step allocates nothing here). Rounds to nearest even,
+// as std::nearbyint: vcvtps2dq under the default MXCSR.
+TVNNI QAct quantize_act(const float* x, int64_t M, int64_t K) {
+  thread_local std::vector<int8_t> qbuf;
+  thread_local std::vector<float> sbuf, cbuf;
+  const int64_t KB = K / QB;
+  qbuf.resize(M * K);
+  sbuf.resize(M * KB);
+  cbuf.resize(M);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int64_t m = 0; m < M; ++m) {
     double c = 0;
-    for (int64_t b = 0; b < K / QB; ++b) {
+    for (int64_t b = 0; b < KB; ++b) {
       const float* xb = x + m * K + b * QB;
-      float amax = 0.f;
-      for (int64_t k = 0; k < QB; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t k = 0; k < QB; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xb + k)));
+      const float amax = _mm512_reduce_max_ps(mx);
       const float sc = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < QB; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(xb[k] * inv));
-        q[m * K + b * QB + k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
-        sum += q[m * K + b * QB + k];
+      const __m512 iv = _mm512_set1_ps(inv);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < QB; k += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + k), iv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qbuf.data() + m * K + b * QB + k), _mm512_cvtepi32_epi8(v));
       }
-      s[m * (K / QB) + b] = sc;
-      c += 128.0 * sc * sum;
+      sbuf[m * KB + b] = sc;
+      c += 128.0 * sc * _mm512_reduce_add_epi32(sum);
     }
-    corr[m] = static_cast<float>(c);
+    cbuf[m] = static_cast<float>(c);
   }
-  return a;
+  return {qbuf.data(), sbuf.data(), cbuf.data()};
 }
-
-#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 
 template <int M, int NB>
 TVNNI void q8_block(const Args& a, const QAct& qa, int64_t m0, float* y, int64_t n0, int64_t n1) {
   const int8_t* w = static_cast<const int8_t*>(a.w);
   const int64_t K = a.K, KB = K / QB;
-  const int8_t* xq = qa.q.data_ptr<int8_t>() + m0 * K;
-  const float* xs = qa.s.data_ptr<float>() + m0 * KB;
-  const float* corr = qa.corr.data_ptr<float>() + m0;
+  const int8_t* xq = qa.q + m0 * K;
+  const float* xs = qa.s + m0 * KB;
+  const float* corr = qa.corr + m0;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t PF = std::max<int64_t>(1, PF_BYTES / (NB * K));
   int64_t n = n0;
