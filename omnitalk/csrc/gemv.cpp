@@ -248,11 +248,6 @@ void q8_rows(const Args& a, const QAct& qa, int64_t n0, int64_t n1) {
   }
 }
 
-inline bool has_vnni() {
-  static const bool yes = omnitalk_isa::has_avx512() && __builtin_cpu_supports("avx512vnni");
-  return yes;
-}
-
 // 8-bit activations for int8 weights: on by default where the CPU has AVX-512 VNNI; OMNITALK_INT8_ACT=0
 // (or set_int8_activations(False)) keeps fp32 activations.
 std::atomic<bool>& act8_flag() {
@@ -262,6 +257,8 @@ std::atomic<bool>& act8_flag() {
   }()};
   return on;
 }
+
+using omnitalk_isa::has_vnni;
 
 inline bool use_q8(const Args& a, at::ScalarType t) {
   return t == at::kChar && a.K % QB == 0 && act8_flag().load(std::memory_order_relaxed) && has_vnni();

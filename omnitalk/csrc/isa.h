@@ -19,4 +19,10 @@ inline bool has_avx512() {
 
 inline bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
+// AVX-512 VNNI (vpdpbusd): int8 weights x 8-bit activations in gemv.cpp; off with OMNITALK_KERNELS_ISA=avx2.
+inline bool has_vnni() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
 }  // namespace omnitalk_isa
