@@ -78,8 +78,9 @@ def _load_demo(device, mode: str):
                               f"{', '.join(ckpt_io.missing_files(DIR))}; reinstall omnitalk, or rebuild it with "
                               "scripts/make_demo_model.py (docs/demo-model.md)")
     # the demo's LLM is stored in int8 (the package's size budget): it loads as int8 whatever was asked
-    return OmniModel.from_pretrained(DIR, device=device, mode=stored_mode() if stored_mode() == "int8" else mode,
-                                     download=False)
+    if stored_mode() == "int8":
+        mode = "int8"
+    return OmniModel.from_pretrained(DIR, device=device, mode=mode, download=False)
 
 
 def stored_mode() -> str:

@@ -49,7 +49,7 @@ def make_scene(path: Path, size: int = 224, seed: int = SEED) -> dict:
     rng = random.Random(seed)
     scene = place(Scene(), list(SCENE_ITEMS), size, rng)
     draw_scene(scene, size, rng).save(path, optimize=True)
-    return {"items": [list(i[:2]) for i in scene.items], "size": size, "answer": "red"}
+    return {"items": [list(i[:2]) for i in scene.items], "size": size, "answer": dict(SCENE_ITEMS)["circle"]}
 
 
 def copy_codec(src: Path, dst: Path) -> None:
@@ -102,7 +102,6 @@ def main(argv=None) -> int:
                     help="what `omnitalk serve` listens for 'stop omni' with (written to model_config.yaml); "
                          "default: the model's ASR when its vocabulary can write the command and the listening "
                          "item measured below F1 0.9 or above 5 %% false interruptions, else the listening item")
-    
     args = ap.parse_args(argv)
 
     from omnitalk import checkpoint as ckpt_io
