@@ -14,8 +14,8 @@ What is measured (keys of `ModeResult.timings` / `.values`, also the table's row
   ready adapter features (`OmniModel.prefill_logits`); prefill_e2e_*: the same from raw samples (and a
   PIL image): log-mel, Whisper, CLIP, adapters, prompt and prefill;
 * whisper / clip: `OmniModel.audio_features` / `.image_features` (the encoders plus their adapter);
-* snac_chunk4 / snac_chunk10: `Codec.decode` of one 4-frame chunk (reference stream) and of the 10
-  frames a context-mode chunk decodes (3 context + 4 + 3 look-ahead);
+* snac_chunk4 / snac_stream4: `Codec.decode` of one 4-frame chunk (reference stream) and the incremental
+  decoding of the next 4 frames of a context-mode stream (`omnitalk.snac_stream`, each frame decoded once);
 * ttfa_*: time to first audio, raw question samples -> first PCM chunk of `OmniModel.stream`, in both
   stream modes, without / with an image;
 * rtf_*: real-time factor of a 20-second spoken answer (235 SNAC frames = 242 pair steps), end to end
@@ -66,6 +66,8 @@ import numpy as np
 import torch
 
 from omnitalk import kernels
+from omnitalk.codec import frames_to_codes
+from omnitalk.snac_stream import IncrementalDecoder
 
 SR = 16000                       # question sample rate (Whisper)
 SNAC_RATE = 24000
@@ -88,7 +90,7 @@ TIMINGS: list[tuple[str, str, str]] = [
     ("whisper", "Whisper (mel+enc+adapter)", "ms"),
     ("clip", "CLIP (prep+enc+adapter)", "ms"),
     ("snac_chunk4", "SNAC decode, 4 frames", "ms"),
-    ("snac_chunk10", "SNAC decode, 10 frames", "ms"),
+    ("snac_stream4", "SNAC incremental, 4 frames", "ms"),
     ("ttfa_reference", "first audio, reference", "ms"),
     ("ttfa_context", "first audio, context", "ms"),
     ("ttfa_image_reference", "first audio +image, reference", "ms"),
@@ -524,27 +526,32 @@ def timer(fn: Callable[[], object], device: str) -> Callable[[], float]:
 
 
 class CodecTimer:
-    """Adds up the wall time spent in `codec.decode` while active (wraps the instance's method)."""
+    """Adds up the wall time spent decoding SNAC while active: `codec.decode` (reference stream, or a
+    codec without an incremental form) and `IncrementalDecoder.feed` (context stream)."""
 
     def __init__(self, codec, device: str):
         self.codec, self.device, self.seconds, self.calls = codec, device, 0.0, 0
 
-    def __enter__(self) -> "CodecTimer":
-        original = self.codec.decode
-
-        def decode(*a, **kw):
+    def _timed(self, fn):
+        def wrapped(*a, **kw):
             t = time.perf_counter()
             try:
-                return original(*a, **kw)
+                return fn(*a, **kw)
             finally:
                 _sync(self.device)
                 self.seconds += time.perf_counter() - t
                 self.calls += 1
-        self.codec.decode = decode
+        return wrapped
+
+    def __enter__(self) -> "CodecTimer":
+        self.codec.decode = self._timed(self.codec.decode)
+        self.feed = IncrementalDecoder.feed
+        IncrementalDecoder.feed = self._timed(self.feed)
         return self
 
     def __exit__(self, *exc) -> None:
         del self.codec.decode
+        IncrementalDecoder.feed = self.feed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,9 +660,17 @@ def measure_encoders(model, cfg: BenchConfig, inputs: Inputs, res: ModeResult) -
 def measure_snac(model, cfg: BenchConfig, inputs: Inputs, res: ModeResult) -> None:
     rng = np.random.default_rng(cfg.seed)
     rep = dict(repeats=cfg.repeats, warmup=cfg.warmup)
-    for n in (4, 10):
-        frames = rng.integers(0, 4096, (n, 7))
-        res.timings[f"snac_chunk{n}"] = repeat(timer(lambda: model.codec.decode(frames), cfg.device), **rep)
+    frames = rng.integers(0, 4096, (4, 7))
+    res.timings["snac_chunk4"] = repeat(timer(lambda: model.codec.decode(frames), cfg.device), **rep)
+    if model.codec.incremental_ok:
+        stream = IncrementalDecoder(model.codec.model)
+        codes = [c.to(model.codec.device) for c in frames_to_codes(frames)]
+
+        def feed():
+            with torch.inference_mode():
+                stream.feed(codes)
+        feed()  # the first call only fills the convolutions' left context
+        res.timings["snac_stream4"] = repeat(timer(feed, cfg.device), **rep)
 
 
 def measure_ttfa(model, cfg: BenchConfig, inputs: Inputs, res: ModeResult) -> None:

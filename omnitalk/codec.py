@@ -12,10 +12,13 @@ Frame f (2048 samples at 24 kHz) takes layer j's token at step f+1+j (the delay 
 Streaming. SNAC's decoder is non-causal: measured by perturbing one frame's codes (noise off, float64,
 both the fixture SNAC and a random full-size 24 kHz SNAC) an output sample depends on frames up to
 RECEPTIVE_FIELD_SAMPLES = 4757 samples (2.32 frames) away on either side, the structural bound of the
-convolution stack. So "context" streaming decodes each chunk with CONTEXT_FRAMES = 3 frames of left
-context and holds back LOOKAHEAD_FRAMES = 3 frames (3 * 2048 = 6144 > 4757): every emitted sample then
-sees exactly the inputs it sees in a one-pass decode, and the concatenated stream equals the one-pass
-waveform up to float32 rounding. The price is 3 frames (256 ms of audio) of extra latency per chunk.
+convolution stack (`omnitalk.snac_stream` derives the same number from the layer shapes). "Context"
+streaming therefore holds back LOOKAHEAD_FRAMES = 3 frames (3 * 2048 = 6144 > 4757, 256 ms of audio) and
+emits a chunk only once every sample in it is final. It decodes incrementally (`snac_stream`: each
+convolution keeps the inputs it still needs, each frame is decoded once), so the concatenated stream
+equals the one-pass waveform up to float32 rounding at the cost of the reference stream's decoding. A
+codec the incremental decoder cannot take (local attention) decodes each chunk again with
+CONTEXT_FRAMES = 3 frames of left context instead: the same samples at 2.5 x the cost at a stride of 4.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from omnitalk.errors import CheckpointError, InputError
+from omnitalk.snac_stream import IncrementalDecoder, supports
 
 N_AUDIO_LAYERS = 7
 SAMPLES_PER_FRAME = 2048
@@ -185,6 +189,7 @@ class Codec:
     def __init__(self, model, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = bake_weight_norm(model.to(self.device).eval())
+        self.incremental_ok = supports(self.model)  # StreamDecoder decodes each frame once (snac_stream)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike = DEFAULT_SNAC, device="cpu", **hub_kwargs) -> "Codec":
@@ -264,16 +269,17 @@ class StreamDecoder:
     mode="reference" reproduces the official streamer: each run of `stride` new frames is decoded on its
     own (audible seams) and flush() drops the partial last chunk (returns None).
 
-    mode="context" (default) emits the same chunk sizes (stride * 2048 samples) but decodes each with
-    `context_frames` earlier frames and only once `lookahead_frames` later frames have arrived, so the
-    concatenated chunks equal a one-pass decode (noise off) to float rounding; flush() emits everything
-    left, the partial last chunk included. Chunks arrive `lookahead_frames` frames later than in the
-    reference mode.
+    mode="context" (default) emits the same chunk sizes (stride * 2048 samples), each once
+    `lookahead_frames` later frames have arrived, so the concatenated chunks equal a one-pass decode (noise
+    off) to float rounding; flush() emits everything left, the partial last chunk included. Chunks arrive
+    `lookahead_frames` frames later than in the reference mode. With `incremental` (the default where the
+    codec allows it, `omnitalk.snac_stream`) each frame is decoded once; otherwise each chunk is decoded
+    again with `context_frames` earlier frames and the look-ahead frames.
     """
 
     def __init__(self, codec: Codec, stride: int = 4, mode: str = "context",
                  context_frames: int = CONTEXT_FRAMES, lookahead_frames: int = LOOKAHEAD_FRAMES,
-                 seed: int | None = None, noise: bool = True):
+                 seed: int | None = None, noise: bool = True, incremental: bool | None = None):
         if mode not in ("reference", "context"):
             raise ValueError(f"mode must be 'reference' or 'context', got {mode!r}")
         if stride < 1 or context_frames < 0 or lookahead_frames < 0:
@@ -284,6 +290,16 @@ class StreamDecoder:
         self.seed, self.noise = seed, noise
         self.frames: list[np.ndarray] = []  # every frame pushed, each (7,)
         self.emitted = 0  # frames whose samples have been returned
+        self.incremental = None
+        if mode == "context" and (incremental or incremental is None and codec.incremental_ok):
+            self.incremental = IncrementalDecoder(codec.model, noise=noise, seed=seed)
+            need = -(-self.incremental.lag_samples // SAMPLES_PER_FRAME)
+            if self.lookahead < need:
+                raise ValueError(f"lookahead_frames={lookahead_frames} is too short for incremental decoding: "
+                                 f"a sample is final {self.incremental.lag_samples} samples ({need} frames) "
+                                 "later; raise it or pass incremental=False")
+            self.fed = 0  # frames given to the incremental decoder
+            self.ready = torch.zeros(0)  # final samples not yet returned, from frame `emitted` on
 
     def push(self, frame_row) -> list[torch.Tensor]:
         """Add one frame (7 codes); return the chunks (each (stride * 2048,)) that became ready."""
@@ -304,11 +320,32 @@ class StreamDecoder:
         """End of stream. context: the remaining samples (None if none); reference: None (tail dropped)."""
         if self.mode == "reference" or self.emitted == len(self.frames):
             return None
+        if self.incremental is not None:
+            self._feed(final=True)
         return self._emit(len(self.frames))
+
+    def _feed(self, final: bool = False) -> None:
+        """Incremental mode: decode the frames not yet decoded; keep the samples that became final."""
+        codes = None
+        if self.fed < len(self.frames):
+            codes = [c.to(self.codec.device) for c in frames_to_codes(np.stack(self.frames[self.fed:]))]
+        with torch.inference_mode():
+            wav = self.incremental.feed(codes, final=final)  # (1, 1, T)
+        self.fed = len(self.frames)
+        self.ready = torch.cat([self.ready, wav.reshape(-1).float().cpu()])
 
     def _emit(self, end: int) -> torch.Tensor:
         """Decode and return the samples of frames [emitted, end)."""
         start = self.emitted
+        n = (end - start) * SAMPLES_PER_FRAME
+        if self.incremental is not None:
+            if self.ready.numel() < n:
+                self._feed()
+            if self.ready.numel() < n:  # the look-ahead check above makes this unreachable
+                raise RuntimeError(f"incremental SNAC decoding fell behind: {self.ready.numel()} of {n} samples final")
+            wav, self.ready = self.ready[:n], self.ready[n:]
+            self.emitted = end
+            return wav
         lo = max(start - self.context, 0)
         hi = min(end + self.lookahead, len(self.frames))
         wav = self.codec.decode(np.stack(self.frames[lo:hi]), noise=self.noise, seed=self.seed)  # ((hi-lo)*2048,)

@@ -193,10 +193,12 @@ def test_reference_stream_matches_official(task):
 CONTEXT_BOUND = 1e-4
 
 
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "overlap"])
 @pytest.mark.parametrize("task", STREAM_TASKS)
-def test_context_stream_is_seamless(task):
+def test_context_stream_is_seamless(task, incremental):
     codec, frames = fixture_codec(), task_frames(task)
-    sd = StreamDecoder(codec, stride=4, noise=False)  # mode="context" is the default
+    sd = StreamDecoder(codec, stride=4, noise=False, incremental=incremental)  # mode="context" is the default
+    assert (sd.incremental is not None) == incremental
     chunks, first = [], None
     for k, row in enumerate(frames):
         out = sd.push(row)
@@ -212,7 +214,7 @@ def test_context_stream_is_seamless(task):
     assert streamed.shape == one_pass.shape  # tail frames included
     err = (streamed - one_pass).abs().max().item()
     assert err < CONTEXT_BOUND
-    assert err == pytest.approx(boundary_error(codec, frames, "context"), abs=1e-6)
+    assert err == pytest.approx(boundary_error(codec, frames, "context", incremental=incremental), abs=1e-6)
     ref_err = boundary_error(codec, frames, "reference")
     assert ref_err > 1e-2 and ref_err > 1000 * err
 
@@ -222,13 +224,37 @@ def test_context_stream_is_exact_in_float64():
     codec = Codec(SNAC.from_pretrained(str(PARITY / "checkpoint" / "snac")).double())
     frames = task_frames("ImageQA_batch")
     assert boundary_error(codec, frames, "context") < 1e-6  # only the final float32 cast differs
-    assert boundary_error(codec, frames, "context", lookahead_frames=2) > 1e-3  # 2 frames are too few
+    assert boundary_error(codec, frames, "context", incremental=False) < 1e-6
+    # re-decoding with context: 2 frames of look-ahead are too few; the incremental decoder refuses them
+    assert boundary_error(codec, frames, "context", lookahead_frames=2, incremental=False) > 1e-3
+    with pytest.raises(ValueError, match="lookahead_frames=2 is too short.*4757 samples"):
+        StreamDecoder(codec, lookahead_frames=2)
+
+
+def test_context_stream_decodes_each_frame_once(monkeypatch):
+    """The incremental context stream passes every frame through SNAC once, as the reference stream
+    does; re-decoding with context passes up to (3 + 4 + 3) / 4 = 2.5 x as many."""
+    codec, frames = fixture_codec(), task_frames("AA_AT_batch")  # 41 frames
+    decoded = []
+    from_codes = codec.model.quantizer.from_codes
+    monkeypatch.setattr(codec.model.quantizer, "from_codes", lambda codes: decoded.append(codes[0].shape[-1])
+                        or from_codes(codes))
+    for incremental in (True, False):
+        decoded.clear()
+        sd = StreamDecoder(codec, noise=False, incremental=incremental)
+        sd.extend(frames)
+        sd.flush()
+        if incremental:
+            assert sum(decoded) == 41 and decoded[0] == 4 + LOOKAHEAD_FRAMES
+        else:
+            assert sum(decoded) > 2.2 * 41 and decoded[1] == 3 + 4 + 3
 
 
 def test_context_stream_full_size_snac():
     codec, frames = full_size_codec(), task_frames("AA_AT_batch")[:14]
     err = boundary_error(codec, frames, "context", stride=4)
     assert err < CONTEXT_BOUND
+    assert boundary_error(codec, frames, "context", stride=4, incremental=False) < CONTEXT_BOUND
     assert boundary_error(codec, frames, "reference", stride=4) > 1000 * err
 
 
