@@ -78,6 +78,8 @@ class CodecLossSection:
     waveform: float = 1.0
     commitment: float = 0.25
     codebook: float = 1.0
+    adversarial: float = 0.0         # > 0: train a discriminator (omnitalk.train.discriminators) beside the codec
+    feature: float = 2.0             # feature matching, with the adversarial term
     mel_windows: list = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
     mel_bins: list = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
 
@@ -86,6 +88,8 @@ class CodecLossSection:
 class CodecTrainConfig:
     out_dir: str = "runs/codec"
     model: dict = field(default_factory=dict)     # SNAC(**{**SMALL_SNAC, **model})
+    init: str | None = None          # start from a trained codec folder (config.json + model.safetensors)
+    train_part: str = "all"          # "decoder": encoder and codebooks frozen, every audio keeps its codes
     data: CodecDataSection = field(default_factory=CodecDataSection)
     loss: CodecLossSection = field(default_factory=CodecLossSection)
     steps: int = 3000
@@ -95,6 +99,7 @@ class CodecTrainConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 100
     betas: tuple = (0.8, 0.99)
+    disc_lr: float | None = None     # the discriminator's peak learning rate (default: lr)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     gain: tuple = (0.3, 1.0)         # random input gain (peak-normalised speech times this)
@@ -127,6 +132,13 @@ class CodecTrainConfig:
         for name in ("steps", "batch_size", "segment_frames", "log_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.train_part not in ("all", "decoder"):
+            problems.append(f"train_part must be 'all' or 'decoder', got {self.train_part!r}")
+        if self.train_part == "decoder" and not self.init:
+            problems.append("train_part: decoder needs init: a trained codec folder whose codes stay fixed")
+        if self.init and not (Path(self.init) / "config.json").is_file():
+            problems.append(f"init: {self.init!r} is not a codec folder (config.json + model.safetensors); "
+                            "give the final/ folder of an `omnitalk train-codec` run")
         if len(self.loss.mel_windows) != len(self.loss.mel_bins):
             problems.append("loss.mel_windows and loss.mel_bins must have the same length")
         if not self.data.world and not self.data.audio:
@@ -235,15 +247,19 @@ def quantize(rvq, z: torch.Tensor) -> Quantized:
     return Quantized(z_q, codes, latents, commit, cb)
 
 
-def forward_losses(snac, x: torch.Tensor, mel_loss: MultiScaleMelLoss, weights: CodecLossSection):
-    """x (B, 1, T), T a multiple of 2048 -> (total loss, {part: loss tensor}, Quantized)."""
-    z = snac.encoder(snac.preprocess(x))                    # (B, D, T / 512)
-    qz = quantize(snac.quantizer, z)
+def forward_losses(snac, x: torch.Tensor, mel_loss: MultiScaleMelLoss, weights: CodecLossSection,
+                   decoder_only: bool = False):
+    """x (B, 1, T), T a multiple of 2048 -> (total loss, {part: loss tensor}, Quantized, y (B, 1, T)).
+    decoder_only: the encoder and quantizer run without gradients (frozen) and add no VQ terms."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+        z = snac.encoder(snac.preprocess(x))                # (B, D, T / 512)
+        qz = quantize(snac.quantizer, z)
     y = snac.decoder(qz.z_q)[..., :x.shape[-1]]              # (B, 1, T)
-    parts = {"mel": mel_loss(y[:, 0], x[:, 0]), "waveform": F.l1_loss(y, x),
-             "commitment": qz.commitment, "codebook": qz.codebook}
+    parts = {"mel": mel_loss(y[:, 0], x[:, 0]), "waveform": F.l1_loss(y, x)}
+    if not decoder_only:
+        parts.update(commitment=qz.commitment, codebook=qz.codebook)
     total = sum(getattr(weights, k) * v for k, v in parts.items())
-    return total, parts, qz
+    return total, parts, qz, y
 
 
 class DeadCodes:
@@ -420,7 +436,7 @@ def _checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_codec_checkpoint(out_dir: Path, snac, opt, step: int, sampler: SegmentSampler, dead: DeadCodes,
-                          gen: torch.Generator, cfg: CodecTrainConfig) -> Path:
+                          gen: torch.Generator, cfg: CodecTrainConfig, disc=None, opt_d=None) -> Path:
     ck = out_dir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     name, tmp = f"step-{step:07d}", ck / f".step-{step:07d}.tmp"
@@ -429,7 +445,9 @@ def save_codec_checkpoint(out_dir: Path, snac, opt, step: int, sampler: SegmentS
     torch.save({"model": snac.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "sampler": sampler.state(), "dead_counts": dead.counts, "dead_buffers": dead.buffers,
                 "rng": {"torch": torch.get_rng_state(), "gen": gen.get_state()},
-                "config": cfg.to_dict(), "snac_config": cfg.snac_config}, tmp / "state.pt")
+                "config": cfg.to_dict(), "snac_config": cfg.snac_config,
+                "discriminator": disc.state_dict() if disc is not None else None,
+                "disc_optimizer": opt_d.state_dict() if opt_d is not None else None}, tmp / "state.pt")
     shutil.rmtree(ck / name, ignore_errors=True)
     tmp.replace(ck / name)
     for old in _checkpoints(out_dir)[:-max(1, cfg.keep_checkpoints)]:
@@ -557,9 +575,21 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
     train_items, eval_items = data if data is not None else load_data(cfg, synth)
     torch.manual_seed(cfg.seed)
     snac = build_snac(cfg.model).train()
-    opt = torch.optim.AdamW(snac.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.init:
+        load_init(snac, cfg)
+    decoder_only = cfg.train_part == "decoder"
+    if decoder_only:  # the codes of every audio stay what they were: an LLM trained on them keeps working
+        snac.encoder.requires_grad_(False)
+        snac.quantizer.requires_grad_(False)
+    params = [p for p in snac.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    disc = opt_d = None
+    if cfg.loss.adversarial > 0:
+        from omnitalk.train.discriminators import CodecDiscriminator
+        disc = CodecDiscriminator().train()
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.betas)
     sampler = SegmentSampler([u.wav for u in train_items], cfg.segment_frames * FRAME, cfg.seed, cfg.gain)
-    dead = DeadCodes(snac.quantizer, cfg.dead_code_every)
+    dead = DeadCodes(snac.quantizer, 0 if decoder_only else cfg.dead_code_every)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     mel_loss = MultiScaleMelLoss(SAMPLE_RATE, cfg.loss.mel_windows, cfg.loss.mel_bins)
     # torch.compile (inductor) fuses the Snake activations' elementwise chains: ~1.6x faster steps on a
@@ -574,6 +604,12 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
                                    "use another out_dir or the same model settings")
         snac.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if disc is not None:
+            if state.get("discriminator") is None:
+                raise CodecConfigError(f"{path} was written without a discriminator; resume with loss.adversarial: 0 "
+                                       "or start a new out_dir")
+            disc.load_state_dict(state["discriminator"])
+            opt_d.load_state_dict(state["disc_optimizer"])
         sampler.set_state(state["sampler"])
         dead.counts, dead.buffers = state["dead_counts"], state["dead_buffers"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -594,11 +630,13 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
             for g in opt.param_groups:
                 g["lr"] = lr
             x = sampler.batch(cfg.batch_size)
-            loss, parts, qz = step_losses(snac, x, mel_loss, cfg.loss)
+            loss, parts, qz, y = step_losses(snac, x, mel_loss, cfg.loss, decoder_only)
+            if disc is not None:
+                loss = loss + adversarial_step(disc, opt_d, x, y, parts, cfg, lr / cfg.lr)
             parts = {k: float(v.detach()) for k, v in parts.items()}
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(snac.parameters(), cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             dead.observe(qz)
             step += 1
@@ -620,9 +658,9 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
                 stopped = True
                 break
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_codec_checkpoint(out, snac, opt, step, sampler, dead, gen, cfg)
+                save_codec_checkpoint(out, snac, opt, step, sampler, dead, gen, cfg, disc, opt_d)
     if stopped:
-        path = save_codec_checkpoint(out, snac, opt, step, sampler, dead, gen, cfg)
+        path = save_codec_checkpoint(out, snac, opt, step, sampler, dead, gen, cfg, disc, opt_d)
         return CodecRunResult(path, step, True)
     snac.eval()
     final = export_codec(snac, out / "final", cfg.snac_config)
@@ -633,6 +671,47 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
         report.update(evaluate_codec(codec, eval_items, _recognizer(cfg), mel_loss, out / "eval_wav"))
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     return CodecRunResult(final, step, False, report)
+
+
+def load_init(snac, cfg: CodecTrainConfig) -> None:
+    """Load `cfg.init` (a codec folder) into snac; its SNAC config must be the run's."""
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.init)
+    config = json.loads((folder / "config.json").read_text())
+    if config != cfg.snac_config:
+        diff = sorted(k for k in set(config) | set(cfg.snac_config) if config.get(k) != cfg.snac_config.get(k))
+        raise CodecConfigError(f"init: {folder} is a codec with other settings ({', '.join(f'{k}={config.get(k)!r}' for k in diff)}); "
+                               f"set model: to match it")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CodecConfigError(f"init: {folder} has no model.safetensors (an `omnitalk train-codec` final/ folder has one)")
+    snac.load_state_dict(load_file(str(weights)))
+
+
+def adversarial_step(disc, opt_d, x: torch.Tensor, y: torch.Tensor, parts: dict, cfg: CodecTrainConfig,
+                     lr_scale: float) -> torch.Tensor:
+    """One discriminator update on (x real, y fake), then the codec's adversarial + feature-matching
+    terms against the updated discriminator (added to `parts`; returns their weighted sum)."""
+    from omnitalk.train.discriminators import discriminator_loss, generator_losses
+
+    for g in opt_d.param_groups:
+        g["lr"] = (cfg.disc_lr or cfg.lr) * lr_scale
+    real, _ = disc(x)
+    fake, _ = disc(y.detach())
+    loss_d = discriminator_loss(real, fake)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+    opt_d.step()
+    disc.requires_grad_(False)  # the codec's terms reach the codec only
+    with torch.no_grad():
+        _, real_feats = disc(x)
+    fake, fake_feats = disc(y)
+    disc.requires_grad_(True)
+    adversarial, feature = generator_losses(fake, fake_feats, real_feats)
+    parts.update(disc=loss_d.detach(), adversarial=adversarial, feature=feature)
+    return cfg.loss.adversarial * adversarial + cfg.loss.feature * feature
 
 
 def evaluate_trained(cfg: CodecTrainConfig, folder: Path, synth=None) -> dict:

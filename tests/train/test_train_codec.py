@@ -205,6 +205,65 @@ def test_sigterm_checkpoint_and_exact_resume(tmp_path):
         C.train_codec(other, data=items, resume=True)
 
 
+def test_discriminators_shapes_and_losses():
+    from omnitalk.train.discriminators import CodecDiscriminator, discriminator_loss, generator_losses
+    torch.manual_seed(0)
+    disc = CodecDiscriminator()
+    x = torch.randn(2, 1, 4096) * 0.1
+    with torch.no_grad():
+        logits, feats = disc(x)
+    assert len(logits) == len(feats) == 8  # 5 periods + 3 STFT resolutions
+    assert all(lg.shape[0] == 2 and lg.shape[1] == 1 for lg in logits)
+    assert logits[0].shape[-1] == 2 and logits[4].shape[-1] == 11  # folded by periods 2 and 11
+    adv, fm = generator_losses(logits, feats, feats)
+    assert float(fm) == 0.0 and float(adv) > 0
+    assert float(discriminator_loss([torch.ones(3)], [torch.zeros(3)])) == 0.0
+    assert float(discriminator_loss([torch.zeros(3)], [torch.ones(3)])) == 2.0
+
+
+def test_decoder_fine_tune_with_discriminator_keeps_codes_and_resumes(tmp_path):
+    """train_part: decoder starts from a trained codec, trains only its decoder (with the adversarial
+    and feature-matching terms here): every audio keeps its codes, the decoder changes, and a run
+    stopped by SIGTERM resumes to the same weights as one that was not."""
+    items = split(tones(8))
+    base = C.train_codec(tiny_cfg(tmp_path / "base", steps=10), data=items).path
+    gan = dict(steps=8, init=str(base), train_part="decoder", lr=1e-3,
+               loss={"mel_windows": [64, 256, 1024], "mel_bins": [10, 40, 80], "adversarial": 1.0, "feature": 2.0})
+    full = C.train_codec(tiny_cfg(tmp_path / "a", **gan), data=items)
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "run" / "metrics.jsonl")]
+    assert all({"adversarial", "feature", "disc", "mel"} <= set(r) for r in rows if "mel" in r)
+    assert not any("commitment" in r for r in rows)
+    from safetensors.torch import load_file
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(full.path / "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("encoder.", "quantizer."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    wav = items[0][0].wav[:8192]
+    np.testing.assert_array_equal(Codec.from_pretrained(base).encode(wav), Codec.from_pretrained(full.path).encode(wav))
+
+    def kill_at_3(step, parts):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    cfg = tiny_cfg(tmp_path / "b", **gan)
+    assert C.train_codec(cfg, data=items, callbacks=[kill_at_3]).step == 3
+    resumed = C.train_codec(cfg, data=items, resume=True)
+    b = load_file(str(resumed.path / "model.safetensors"))
+    assert all(torch.equal(after[k], b[k]) for k in after)
+
+
+def test_init_and_train_part_errors(tmp_path):
+    with pytest.raises(C.CodecConfigError, match="train_part: decoder needs init"):
+        tiny_cfg(tmp_path, train_part="decoder")
+    with pytest.raises(C.CodecConfigError, match="train_part must be 'all' or 'decoder'"):
+        tiny_cfg(tmp_path, train_part="encoder")
+    with pytest.raises(C.CodecConfigError, match="is not a codec folder"):
+        tiny_cfg(tmp_path, init=str(tmp_path))
+    folder = tmp_path / "other"
+    C.export_codec(C.build_snac({"encoder_dim": 8, "decoder_dim": 32}), folder, {**C.SMALL_SNAC, "encoder_dim": 8, "decoder_dim": 32})
+    with pytest.raises(C.CodecConfigError, match=r"other settings \(encoder_dim=8\); set model: to match it"):
+        C.train_codec(tiny_cfg(tmp_path, init=str(folder)), data=split(tones(4)))
+
+
 def test_cli_trains_from_files_and_evaluates(tmp_path):
     for i, u in enumerate(tones(4)):
         sf.write(tmp_path / f"t{i}.wav", u.wav, C.SAMPLE_RATE)
