@@ -2,8 +2,9 @@
 """Build the embedded demo model (`omnitalk/demo_model/`, docs/demo-model.md) from a training-recipe run.
 
     omnitalk train-codec configs/codec-demo.yaml                      # the demo's codec (runs/codec-demo/final)
-    python scripts/train_small.py --recipe configs/demo-recipe.yaml  # the small model, speaking with it
-    python scripts/make_demo_model.py runs/demo                      # -> omnitalk/demo_model/
+    python scripts/train_small.py --preset demo                       # the small model, speaking with it
+    omnitalk train-codec configs/codec-demo-gan.yaml                  # its decoder, fine-tuned (same codes)
+    python scripts/make_demo_model.py runs/demo --codec runs/codec-demo-gan/final   # -> omnitalk/demo_model/
 
 What it writes: the recipe's final export in omnitalk's safetensors layout (`omnitalk.safetensors` with
 the LLM, its adapters and the CTC head in int8 or fp32, the Whisper and CLIP encoders; `model_config.yaml`,
@@ -66,6 +67,25 @@ def copy_codec(src: Path, dst: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, dst / "model.safetensors")
 
 
+def check_same_codes(run_codec: Path, codec: Path) -> None:
+    """A codec shipped with a model must give every audio the codes the model was trained on: its encoder
+    and codebooks must equal the run's (`train_part: decoder` keeps them)."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "model.safetensors")) for d in (run_codec, codec))
+    keys = [k for k in a if k.startswith(("encoder.", "quantizer."))]
+    differ = [k for k in keys if k not in b or not torch_equal(a[k], b[k])]
+    if not keys or differ:
+        raise SystemExit(f"--codec {codec}: its encoder/codebooks differ from the run's codec {run_codec} "
+                         f"({len(differ)} of {len(keys)} tensors, e.g. {differ[:2]}); the model would hear and "
+                         "speak other codes. Fine-tune the run's codec with train_part: decoder")
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+    return x.shape == y.shape and bool(torch.equal(x, y))
+
+
 def choose_stop_detector(report: dict, tokenizer_json: Path, command: str = "stop omni") -> str:
     """'listening' when the run's held-out interruption numbers are good enough to trust, or when the
     model's ASR cannot write the command at all (its words are not in the world's vocabulary); else 'asr'."""
@@ -98,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("fp32", "int8"), default="int8",
                     help="how the LLM and adapters are stored (encoders and codec stay fp32)")
     ap.add_argument("--max-mb", type=float, default=40.0)
+    ap.add_argument("--codec", type=Path, default=None,
+                    help="ship this codec folder instead of the run's (e.g. runs/codec-demo-gan/final, the run's "
+                         "codec with a fine-tuned decoder); its encoder and codebooks must equal the run's")
     ap.add_argument("--stop-detector", choices=("asr", "listening"), default=None,
                     help="what `omnitalk serve` listens for 'stop omni' with (written to model_config.yaml); "
                          "default: the model's ASR when its vocabulary can write the command and the listening "
@@ -115,6 +138,9 @@ def main(argv=None) -> int:
     ckpt_io.convert(final, tmp, mode=args.mode)
     shutil.rmtree(tmp / "snac", ignore_errors=True)
     copy_codec(final / "snac", tmp / "snac")
+    if args.codec is not None:
+        check_same_codes(tmp / "snac", args.codec)
+        copy_codec(args.codec, tmp / "snac")
     detector = args.stop_detector or choose_stop_detector(report, tmp / "tokenizer.json")
     cfg_path = tmp / "model_config.yaml"
     cfg_path.write_text(cfg_path.read_text() + f"stop_detector: {detector}\n")

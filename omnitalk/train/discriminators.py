@@ -22,6 +22,15 @@ Logits = list[torch.Tensor]
 Features = list[list[torch.Tensor]]
 
 
+def _conv_stack(h: torch.Tensor, convs: nn.ModuleList, out: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Leaky-ReLU convolutions, each activation kept for feature matching; then the logit map."""
+    feats = []
+    for conv in convs:
+        h = F.leaky_relu(conv(h), 0.1)
+        feats.append(h)
+    return out(h), feats
+
+
 class PeriodDiscriminator(nn.Module):
     """The waveform folded by `period` (B, 1, T / p, p), 2-D convolutions along time only."""
 
@@ -37,12 +46,7 @@ class PeriodDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # x (B, 1, T)
         pad = (-x.shape[-1]) % self.period
         x = F.pad(x, (0, pad), mode="reflect")
-        h = x.reshape(x.shape[0], 1, -1, self.period)  # (B, 1, T / p, p)
-        feats = []
-        for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.1)
-            feats.append(h)
-        return self.out(h), feats
+        return _conv_stack(x.reshape(x.shape[0], 1, -1, self.period), self.convs, self.out)  # (B, 1, T / p, p)
 
 
 class SpectrogramDiscriminator(nn.Module):
@@ -59,12 +63,7 @@ class SpectrogramDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # x (B, 1, T)
         spec = torch.stft(x[:, 0], self.n_fft, self.n_fft // 4, window=self.window, return_complex=True).abs()
-        h = torch.log(spec.clamp_min(1e-5)).transpose(1, 2)[:, None]  # (B, 1, frames, bins)
-        feats = []
-        for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.1)
-            feats.append(h)
-        return self.out(h), feats
+        return _conv_stack(torch.log(spec.clamp_min(1e-5)).transpose(1, 2)[:, None], self.convs, self.out)  # (B, 1, frames, bins)
 
 
 class CodecDiscriminator(nn.Module):
