@@ -34,6 +34,20 @@ def _fix_hint(ckpt: Path) -> str:
     return f"run `omnitalk download --checkpoint {ckpt}` (needs network access to the Hugging Face hub)"
 
 
+def stored_llm_mode(ckpt: str | Path) -> str | None:
+    """How a folder's omnitalk.safetensors stores the LLM ('fp32', 'bf16', 'int8'); None without that file."""
+    from safetensors import safe_open
+
+    path = Path(ckpt) / OURS
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("llm_mode", "fp32")
+    except Exception:  # unreadable: loading it names the problem
+        return None
+
+
 def missing_files(ckpt: str | Path) -> list[str]:
     """Files the engine needs that are not in `ckpt` (SNAC may also come from the hub cache)."""
     ckpt = Path(ckpt)

@@ -85,7 +85,4 @@ def _load_demo(device, mode: str):
 
 def stored_mode() -> str:
     """How the demo's LLM weights are stored: 'fp32', 'bf16' or 'int8' (omnitalk.safetensors metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(str(DIR / ckpt_io.OURS), "pt") as f:
-        return (f.metadata() or {}).get("llm_mode", "fp32")
+    return ckpt_io.stored_llm_mode(DIR) or "fp32"

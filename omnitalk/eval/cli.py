@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -255,8 +256,14 @@ def _load_model(args):
     from omnitalk import demo
     if args.checkpoint == demo.NAME:  # the embedded demo model (its LLM is stored in int8)
         return demo.load_model(demo.NAME, device=args.device)[0]
+    from omnitalk import checkpoint as ckpt_io
     from omnitalk.engine import OmniModel
-    return OmniModel.from_pretrained(args.checkpoint, device=args.device, download=not args.no_download)
+    # fp32 (the reference's numbers), unless the folder stores its LLM in int8 (a converted or demo model):
+    # that file has no fp32 weights to give
+    mode = "int8" if ckpt_io.stored_llm_mode(args.checkpoint) == "int8" else "fp32"
+    if mode == "int8" and not getattr(args, "quiet", False):
+        print(f"omnitalk eval: {args.checkpoint} stores its LLM in int8; evaluating it in int8", file=sys.stderr)
+    return OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=mode, download=not args.no_download)
 
 
 def _write(report: dict, args, summary: str) -> int:

@@ -144,3 +144,15 @@ def test_data_world_and_interrupt_commands(tmp_path, capsys):
     assert run(["data", "interrupt", "--out", str(tmp_path / "i"), "--n", "2", "--held-out", "--quiet"]) == 0
     recs = read_manifest(tmp_path / "i" / "interrupt_eval.jsonl")
     assert len(recs) == 2 and sum(1 for r in recs if r["command"] == "stop omni") == 1
+
+
+def test_eval_takes_a_folder_that_stores_its_llm_in_int8(tmp_path, manifest, capsys):
+    """A folder whose omnitalk.safetensors holds an int8 LLM (the demo model's, or `omnitalk convert --mode
+    int8`) has no fp32 weights: eval loads it in int8 and says so instead of failing."""
+    from omnitalk import checkpoint as ckpt_io, demo
+    assert ckpt_io.stored_llm_mode(demo.DIR) == "int8" and ckpt_io.stored_llm_mode(tmp_path) is None
+    out = tmp_path / "qa.json"
+    assert run(["eval", "qa", str(manifest), "--checkpoint", str(demo.DIR), "--no-download", "--max-tokens", "8",
+                "--out", str(out), "--limit", "1"]) == 0
+    assert json.loads(out.read_text())["n"] == 1
+    assert "stores its LLM in int8; evaluating it in int8" in capsys.readouterr().err
