@@ -437,7 +437,7 @@ def evaluate_train_subset(final: Path, world: Path, n: int, progress: bool = Fal
     irq = evaluate_interrupt(model, read_manifest(world / "interrupt_train.jsonl")[:n], progress=progress)
     return {"n": n, "asr_wer": asr["wer"], "qa_accuracy": qa["accuracy"],
             "qa_accuracy_by_group": qa["accuracy_by_group"], "codebook0_match": qa["codebook0_match"],
-            "interrupt_f1": irq["f1"], "false_interruption_rate": irq["false_interruption_rate"],
+            "audio_layer_match": qa.get("audio_layer_match"), "interrupt_f1": irq["f1"], "false_interruption_rate": irq["false_interruption_rate"],
             "median_delay_ms": irq["median_delay_ms"]}
 
 
@@ -449,6 +449,7 @@ def summarize(rep: dict, train_wall_s: float) -> dict:
         "visual_qa_accuracy": q["visual_accuracy"],
         "qa_accuracy_all": q["accuracy"],
         "codebook0_match": q["codebook0_match"],
+        "audio_layer_match": q.get("audio_layer_match"),  # layers 0-6 (c0 c1 c2 c2 c1 c2 c2), for reference
         "interrupt_f1": i["f1"], "interrupt_precision": i["precision"], "interrupt_recall": i["recall"],
         "false_interruption_rate": i["false_interruption_rate"], "median_delay_ms": i["median_delay_ms"],
         "train_wall_minutes": train_wall_s / 60,

@@ -88,10 +88,12 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
     """Answer each qa/text record; exact-match accuracy of the text answer after normalisation, per
     group (the record's `kind`/`family` extra fields when present). speech=True asks records with
     speak=true for a spoken answer and scores its first-codebook (LLM audio layer 0) agreement with
-    the target answer_snac."""
+    the target answer_snac, and that of every layer (`audio_layer_match`: layers 0-6 are SNAC's c0, c1,
+    c2, c2, c1, c2, c2; a codec may lean on c1/c2 more than on c0, docs/codec.md)."""
     norm = EnglishTextNormalizer()
     items, groups = [], {}
     matches = total = 0
+    layer_matches = np.zeros(7, dtype=np.int64)
     t0 = time.perf_counter()
     for r in _progress(records, "qa", len(records), progress):
         spoken = speech and r.get("speak")
@@ -102,6 +104,7 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
         if spoken and r.get("answer_snac") is not None and reply.frames is not None:
             m, t = codebook_match(reply.frames, r["answer_snac"], layer=0)
             matches, total = matches + m, total + t
+            layer_matches += [codebook_match(reply.frames, r["answer_snac"], layer=j)[0] for j in range(7)]
             item["codebook0_match"] = m / t if t else 0.0
         items.append(item)
         g = r.get("family") or r.get("kind") or r["task"]
@@ -110,6 +113,7 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
     return {"task": "qa", "n": len(items), "accuracy": acc,
             "accuracy_by_group": {g: sum(v) / len(v) for g, v in sorted(groups.items())},
             "codebook0_match": (matches / total) if total else None, "codebook0_frames": total,
+            "audio_layer_match": (layer_matches / total).round(4).tolist() if total else None,
             "seconds": time.perf_counter() - t0, "items": items}
 
 

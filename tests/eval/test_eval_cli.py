@@ -73,6 +73,7 @@ def test_eval_asr_qa_interrupt(tmp_path, manifest, patched, capsys):
     rep = json.loads(out.read_text())
     assert rep["n"] == 3 and set(rep["accuracy_by_group"]) == {"arith", "color", "text"}
     assert 0.0 <= rep["accuracy"] <= 1.0 and rep["codebook0_frames"] >= 3
+    assert len(rep["audio_layer_match"]) == 7 and rep["audio_layer_match"][0] == pytest.approx(rep["codebook0_match"], abs=1e-4)
 
     out = tmp_path / "irq.json"
     assert run(["eval", "interrupt", str(manifest), "--checkpoint", "x", "--quiet", "--out", str(out)]) == 0
@@ -156,3 +157,18 @@ def test_eval_takes_a_folder_that_stores_its_llm_in_int8(tmp_path, manifest, cap
                 "--out", str(out), "--limit", "1"]) == 0
     assert json.loads(out.read_text())["n"] == 1
     assert "stores its LLM in int8; evaluating it in int8" in capsys.readouterr().err
+
+
+def test_qa_scores_every_audio_layer(manifest):
+    """audio_layer_match: per LLM audio layer, the share of target frames the spoken answer matches."""
+    from types import SimpleNamespace
+    rec = read_manifest(manifest)[2]  # qa2: spoken, 3 target frames
+    target = np.asarray(rec["answer_snac"])
+    pred = target.copy()
+    pred[0, 1] += 1                    # layer 1 wrong in 1 of 3 frames
+    pred[:, 6] = (pred[:, 6] + 1) % 4096  # layer 6 wrong everywhere
+    pred = np.vstack([pred, pred[:1]])  # one frame too many: counts against every layer
+    model = SimpleNamespace(generate=lambda **kw: SimpleNamespace(text="red", frames=pred))
+    rep = eval_cli.evaluate_qa(model, [rec], speech=True, progress=False)
+    assert rep["codebook0_frames"] == 4 and rep["codebook0_match"] == 0.75
+    assert rep["audio_layer_match"] == [0.75, 0.5, 0.75, 0.75, 0.75, 0.75, 0.0]
