@@ -275,7 +275,14 @@ def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
         return out
     codec = Codec.from_pretrained(assets / "snac")
     w = rc["world"]
+    answer_synth = None  # the model's voice: espeak-ng's MODEL_VOICE_ESPEAK, or `answer_synth: piper` (the joe voice)
+    if w.get("answer_synth", "espeak") == "piper":
+        from omnitalk.train.tts import PiperSynth
+        answer_synth = PiperSynth()
+    elif w.get("answer_synth", "espeak") != "espeak":
+        raise SystemExit(f"recipe key world.answer_synth must be espeak or piper, got {w['answer_synth']!r}")
     make_world(out, n_train=w["n_train"], n_eval=w["n_eval"], synth=EspeakSynth(), seed=seed, codec=codec,
+               answer_synth=answer_synth,
                n_interrupt_train=w["n_interrupt_train"], n_interrupt_eval=w["n_interrupt_eval"],
                mix=w.get("mix"), speak_written=w.get("speak_written", False), progress=rc.get("progress", True))
     return out

