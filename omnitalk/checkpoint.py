@@ -48,6 +48,11 @@ def stored_llm_mode(ckpt: str | Path) -> str | None:
         return None
 
 
+def loadable_mode(ckpt: str | Path, wanted: str) -> str:
+    """`wanted`, unless the folder stores its LLM in int8: such a file has no fp32 / bf16 weights to give."""
+    return "int8" if stored_llm_mode(ckpt) == "int8" else wanted
+
+
 def missing_files(ckpt: str | Path) -> list[str]:
     """Files the engine needs that are not in `ckpt` (SNAC may also come from the hub cache)."""
     ckpt = Path(ckpt)

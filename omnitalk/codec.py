@@ -326,11 +326,8 @@ class StreamDecoder:
 
     def _feed(self, final: bool = False) -> None:
         """Incremental mode: decode the frames not yet decoded; keep the samples that became final."""
-        codes = None
-        if self.fed < len(self.frames):
-            codes = [c.to(self.codec.device) for c in frames_to_codes(np.stack(self.frames[self.fed:]))]
-        with torch.inference_mode():
-            wav = self.incremental.feed(codes, final=final)  # (1, 1, T)
+        codes = frames_to_codes(np.stack(self.frames[self.fed:])) if self.fed < len(self.frames) else None
+        wav = self.incremental.feed(codes, final=final)  # (1, 1, T)
         self.fed = len(self.frames)
         self.ready = torch.cat([self.ready, wav.reshape(-1).float().cpu()])
 

@@ -78,9 +78,7 @@ def _load_demo(device, mode: str):
                               f"{', '.join(ckpt_io.missing_files(DIR))}; reinstall omnitalk, or rebuild it with "
                               "scripts/make_demo_model.py (docs/demo-model.md)")
     # the demo's LLM is stored in int8 (the package's size budget): it loads as int8 whatever was asked
-    if stored_mode() == "int8":
-        mode = "int8"
-    return OmniModel.from_pretrained(DIR, device=device, mode=mode, download=False)
+    return OmniModel.from_pretrained(DIR, device=device, mode=ckpt_io.loadable_mode(DIR, mode), download=False)
 
 
 def stored_mode() -> str:

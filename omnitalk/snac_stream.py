@@ -199,15 +199,17 @@ class IncrementalDecoder:
 
     def __init__(self, model: nn.Module, noise: bool = True, seed: int | None = None):
         self.model = model
+        self.device = next(model.parameters()).device
         seeds = None if seed is None else itertools.count(seed)
         self.net = _build(model.decoder.model, noise, seeds)
         self.lag_samples = self.net.reach  # after n frames, samples [0, n * 2048 - lag) are final
         assert self.net.upsampling == SAMPLES_PER_LATENT, self.net.upsampling
 
+    @torch.inference_mode()
     def feed(self, codes: list[torch.Tensor] | None, final: bool = False) -> torch.Tensor:
         if codes is None or codes[0].shape[-1] == 0:
             proj = self.model.quantizer.quantizers[0].out_proj
             z = proj.weight.new_zeros(1, proj.out_channels, 0)
-        else:
-            z = self.model.quantizer.from_codes(codes)  # (1, D, 4n): frame-local, no state
+        else:  # (1, D, 4n): frame-local, no state
+            z = self.model.quantizer.from_codes([c.to(self.device) for c in codes])
         return self.net(z, final)

@@ -70,20 +70,16 @@ def copy_codec(src: Path, dst: Path) -> None:
 def check_same_codes(run_codec: Path, codec: Path) -> None:
     """A codec shipped with a model must give every audio the codes the model was trained on: its encoder
     and codebooks must equal the run's (`train_part: decoder` keeps them)."""
+    import torch
     from safetensors.torch import load_file
 
     a, b = (load_file(str(d / "model.safetensors")) for d in (run_codec, codec))
     keys = [k for k in a if k.startswith(("encoder.", "quantizer."))]
-    differ = [k for k in keys if k not in b or not torch_equal(a[k], b[k])]
+    differ = [k for k in keys if k not in b or not torch.equal(a[k], b[k])]
     if not keys or differ:
         raise SystemExit(f"--codec {codec}: its encoder/codebooks differ from the run's codec {run_codec} "
                          f"({len(differ)} of {len(keys)} tensors, e.g. {differ[:2]}); the model would hear and "
                          "speak other codes. Fine-tune the run's codec with train_part: decoder")
-
-
-def torch_equal(x, y) -> bool:
-    import torch
-    return x.shape == y.shape and bool(torch.equal(x, y))
 
 
 def choose_stop_detector(report: dict, tokenizer_json: Path, command: str = "stop omni") -> str:

@@ -268,19 +268,17 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
 
 def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
     from omnitalk.codec import Codec
-    from omnitalk.train.tts import EspeakSynth
+    from omnitalk.train.tts import EspeakSynth, PiperSynth
     from omnitalk.train.world import make_world
 
     if (out / "world.json").is_file():
         return out
     codec = Codec.from_pretrained(assets / "snac")
     w = rc["world"]
-    answer_synth = None  # the model's voice: espeak-ng's MODEL_VOICE_ESPEAK, or `answer_synth: piper` (the joe voice)
-    if w.get("answer_synth", "espeak") == "piper":
-        from omnitalk.train.tts import PiperSynth
-        answer_synth = PiperSynth()
-    elif w.get("answer_synth", "espeak") != "espeak":
-        raise SystemExit(f"recipe key world.answer_synth must be espeak or piper, got {w['answer_synth']!r}")
+    voice = w.get("answer_synth", "espeak")  # the model's voice: espeak-ng's MODEL_VOICE_ESPEAK, or Piper's joe voice
+    if voice not in ("espeak", "piper"):
+        raise SystemExit(f"recipe key world.answer_synth must be espeak or piper, got {voice!r}")
+    answer_synth = PiperSynth() if voice == "piper" else None  # None: espeak-ng in its model voice
     make_world(out, n_train=w["n_train"], n_eval=w["n_eval"], synth=EspeakSynth(), seed=seed, codec=codec,
                answer_synth=answer_synth,
                n_interrupt_train=w["n_interrupt_train"], n_interrupt_eval=w["n_interrupt_eval"],
@@ -444,8 +442,8 @@ def evaluate_train_subset(final: Path, world: Path, n: int, progress: bool = Fal
     irq = evaluate_interrupt(model, read_manifest(world / "interrupt_train.jsonl")[:n], progress=progress)
     return {"n": n, "asr_wer": asr["wer"], "qa_accuracy": qa["accuracy"],
             "qa_accuracy_by_group": qa["accuracy_by_group"], "codebook0_match": qa["codebook0_match"],
-            "audio_layer_match": qa.get("audio_layer_match"), "interrupt_f1": irq["f1"], "false_interruption_rate": irq["false_interruption_rate"],
-            "median_delay_ms": irq["median_delay_ms"]}
+            "audio_layer_match": qa.get("audio_layer_match"), "interrupt_f1": irq["f1"],
+            "false_interruption_rate": irq["false_interruption_rate"], "median_delay_ms": irq["median_delay_ms"]}
 
 
 def summarize(rep: dict, train_wall_s: float) -> dict:

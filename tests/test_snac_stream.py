@@ -26,13 +26,12 @@ def frames(n: int, seed: int = 0) -> np.ndarray:
 def decode_in_chunks(c: Codec, fr: np.ndarray, sizes, **kwargs) -> tuple[torch.Tensor, list[int]]:
     inc = IncrementalDecoder(c.model, **kwargs)
     out, final_after = [], []
-    with torch.inference_mode():
-        i = 0
-        for size in sizes:
-            out.append(inc.feed(frames_to_codes(fr[i:i + size])))
-            i += size
-            final_after.append(sum(o.shape[-1] for o in out))
-        out.append(inc.feed(None, final=True))
+    i = 0
+    for size in sizes:
+        out.append(inc.feed(frames_to_codes(fr[i:i + size])))
+        i += size
+        final_after.append(sum(o.shape[-1] for o in out))
+    out.append(inc.feed(None, final=True))
     return torch.cat(out, dim=-1).reshape(-1), final_after
 
 

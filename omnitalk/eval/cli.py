@@ -92,8 +92,8 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
     c2, c2, c1, c2, c2; a codec may lean on c1/c2 more than on c0, docs/codec.md)."""
     norm = EnglishTextNormalizer()
     items, groups = [], {}
-    matches = total = 0
-    layer_matches = np.zeros(7, dtype=np.int64)
+    total = 0
+    layer_matches = np.zeros(7, dtype=np.int64)  # per LLM audio layer, frames equal to the target's
     t0 = time.perf_counter()
     for r in _progress(records, "qa", len(records), progress):
         spoken = speech and r.get("speak")
@@ -102,9 +102,10 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
         ok = norm(reply.text) == norm(r["answer_text"])
         item = {"id": r["id"], "ref": r["answer_text"], "hyp": reply.text, "correct": ok}
         if spoken and r.get("answer_snac") is not None and reply.frames is not None:
-            m, t = codebook_match(reply.frames, r["answer_snac"], layer=0)
-            matches, total = matches + m, total + t
-            layer_matches += [codebook_match(reply.frames, r["answer_snac"], layer=j)[0] for j in range(7)]
+            per_layer = [codebook_match(reply.frames, r["answer_snac"], layer=j) for j in range(7)]
+            m, t = per_layer[0]
+            layer_matches += [mj for mj, _ in per_layer]
+            total += t
             item["codebook0_match"] = m / t if t else 0.0
         items.append(item)
         g = r.get("family") or r.get("kind") or r["task"]
@@ -112,7 +113,7 @@ def evaluate_qa(model, records: Sequence[dict], speech: bool = False, max_tokens
     acc = exact_match([i["ref"] for i in items], [i["hyp"] for i in items], norm)
     return {"task": "qa", "n": len(items), "accuracy": acc,
             "accuracy_by_group": {g: sum(v) / len(v) for g, v in sorted(groups.items())},
-            "codebook0_match": (matches / total) if total else None, "codebook0_frames": total,
+            "codebook0_match": (int(layer_matches[0]) / total) if total else None, "codebook0_frames": total,
             "audio_layer_match": (layer_matches / total).round(4).tolist() if total else None,
             "seconds": time.perf_counter() - t0, "items": items}
 
@@ -262,9 +263,8 @@ def _load_model(args):
         return demo.load_model(demo.NAME, device=args.device)[0]
     from omnitalk import checkpoint as ckpt_io
     from omnitalk.engine import OmniModel
-    # fp32 (the reference's numbers), unless the folder stores its LLM in int8 (a converted or demo model):
-    # that file has no fp32 weights to give
-    mode = "int8" if ckpt_io.stored_llm_mode(args.checkpoint) == "int8" else "fp32"
+    # fp32 (the reference's numbers), unless the folder stores its LLM in int8 (a converted or demo model)
+    mode = ckpt_io.loadable_mode(args.checkpoint, "fp32")
     if mode == "int8" and not getattr(args, "quiet", False):
         print(f"omnitalk eval: {args.checkpoint} stores its LLM in int8; evaluating it in int8", file=sys.stderr)
     return OmniModel.from_pretrained(args.checkpoint, device=args.device, mode=mode, download=not args.no_download)
