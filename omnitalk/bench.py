@@ -126,6 +126,7 @@ VALUES: list[tuple[str, str, str]] = [
     ("floor_ms", "floor = weights / bandwidth", "ms"),
     ("floor_over_achieved", "floor / achieved", "ratio"),
     ("build_s", "build / load time", "s"),
+    ("compile_s", "compile + warm-up of the step (--compile)", "s"),
 ]
 QUALITY: list[tuple[str, str, str]] = [
     ("logit_max_abs", "prefill logits max |err|", ""),
@@ -232,6 +233,7 @@ class BenchConfig:
     whisper_window: str | None = None
     threads: int = 1
     device: str = "cpu"
+    compile: bool = False
     seed: int = 0
     bandwidth_gib: float = 1.0
     in_process: bool = False
@@ -746,6 +748,11 @@ def run_mode(cfg: BenchConfig, mode: str) -> ModeResult:
     model, phases = build_model(cfg, mode)
     res.values["build_s"] = time.perf_counter() - t0
     res.info.update(phases)
+    if cfg.compile:
+        _log(mode, "compiling the decode step")
+        t0 = time.perf_counter()
+        model.lm.compile_decode()
+        res.values["compile_s"] = time.perf_counter() - t0
     inputs = load_inputs(cfg)
     trim_heap()
     with torch.inference_mode():
@@ -1128,7 +1135,8 @@ def render(report: Report) -> str:
         f"omnitalk bench - {m.date} - commit {(m.git_commit or 'unknown')[:10]}{' (dirty)' if m.git_dirty else ''}",
         f"machine: {m.cpu_model}, {m.physical_cores} physical cores / {m.logical_cpus} logical, "
         f"{m.mem_total_gb} GB, {m.cpu_capability} {' '.join(m.cpu_flags)}" + (f", GPU {m.gpu}" if m.gpu else ""),
-        f"torch {m.torch_version}, {cfg.threads} threads, device {cfg.device}; weights: {weights}; "
+        f"torch {m.torch_version}, {cfg.threads} threads, device {cfg.device}"
+        f"{', decode step torch.compile-d' if cfg.compile else ''}; weights: {weights}; "
         f"repeats {cfg.repeats} (+{cfg.warmup} warm-up), RTF repeats {cfg.rtf_repeats}; {m.kernels}",
         f"memory bandwidth: read {bw.read_gbs:.1f} GB/s, copy {bw.copy_gbs:.1f} GB/s (best of {bw.repeats}, "
         f"{bw.gib:g} GiB); a step is {STEP_AUDIO_MS:.1f} ms of speech, a chunk {CHUNK_MS:.1f} ms",

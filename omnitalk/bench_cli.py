@@ -92,6 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--threads", type=_positive, default=None, metavar="N",
                    help="torch.set_num_threads (default: the number of physical cores)")
     m.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default: cpu")
+    m.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (static caches; one CUDA graph per step "
+                        "on a GPU); the baseline is never compiled")
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     m.add_argument("--bandwidth-gib", type=float, default=1.0, metavar="GIB",
                    help="size of the tensor the memory bandwidth is measured on (default: 1)")

@@ -62,6 +62,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="never fetch missing files; fail with the list of what is missing")
     p.add_argument("--mode", choices=("fp32", "bf16", "int8"), default="fp32",
                    help="fp32: the release's exact outputs (default); bf16 / int8: faster, smaller")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (one CUDA graph per step on a GPU); compiling takes "
+                        "a while at start-up. On a CPU omnitalk's own kernels are usually faster")
     add_whisper_window_arg(p)
 
 
@@ -81,6 +84,8 @@ def _load_model(args):
                                              download=not args.no_download)
     if getattr(args, "whisper_window", None):
         model.whisper_window = args.whisper_window
+    if getattr(args, "compile", False):
+        model.compile()
     return model
 
 

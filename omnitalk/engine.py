@@ -188,6 +188,14 @@ class OmniModel:
                     Codec(snac.eval(), dev), tokenizer or TextTokenizer.byte_level(), dev)
         return model.set_encoder_dtype(encoder_dtype(mode, dev))
 
+    def compile(self, mode: str | None = None) -> "OmniModel":
+        """Decode through `torch.compile` (static caches, a CUDA graph per step on a GPU): the same tokens
+        as the plain step (the parity fixture passes either way), after a compile at the first call here.
+        For single requests (`generate`, `stream`, `steps`); the server's multi-session scheduler batches
+        its own steps and is not compiled."""
+        self.lm.compile_decode(mode)
+        return self
+
     def set_encoder_dtype(self, dtype: torch.dtype) -> "OmniModel":
         """Cast Whisper and CLIP (their norms still compute in fp32; features reach the adapters in the
         LLM's dtype)."""

@@ -171,5 +171,5 @@ def decode(lm: OmniLM, layout: TokenLayout, prompts: list[Prompt], features: lis
         yield step
         if rules.done:
             return
-        h = lm.forward_hidden(lm.embed(rules.inputs), pos)[:, -1]
+        h = lm.decode_step(rules.inputs, pos)  # (B, C)
         pos += 1

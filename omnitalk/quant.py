@@ -34,12 +34,14 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
         w = kernels.dequant_bf16(q, scales) if dt == torch.bfloat16 else None
         w = q.to(dt) * scales.to(dt)[:, None] if w is None else w
         y = F.linear(x2.to(dt), w).to(x.dtype)
+    elif torch.compiler.is_compiling() or x2.device.type == "cuda":
+        # CUDA, and any device under torch.compile (omnitalk's kernel is not traceable): dequantise on the
+        # fly, which inductor fuses into the matmul's reads
+        y = F.linear(x2, q.to(x2.dtype)) * scales.to(x2.dtype)
     elif (y := kernels.gemv(x2, q, scales)) is not None:  # omnitalk's CPU kernel: fp32 sums
         y = y.to(x.dtype)
-    elif x2.device.type == "cpu" or x2.device.type == "mps":
+    else:  # CPU without omnitalk's kernel, MPS
         y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scales.to(torch.bfloat16)).to(x.dtype)
-    else:  # CUDA: dequantise on the fly (fused by torch.compile when enabled)
-        y = F.linear(x2, q.to(x2.dtype)) * scales.to(x2.dtype)
     return y.reshape(*shape[:-1], q.size(0))
 
 

@@ -15,6 +15,7 @@ FAST = ["--preset", "tiny", "--random-weights", "--repeats", "2", "--warmup", "0
         "--answer-seconds", "1", "--question-seconds", "1", "--threads", "1", "--bandwidth-gib", "0.02"]
 BASELINE_TIMINGS = {"decode_step", "prefill_llm_speech", "prefill_llm_speech_image"}
 CUDA_ONLY = {"cuda_peak_mb"}
+COMPILE_ONLY = {"compile_s"}
 # filled in by the parent from the other columns / the baseline
 DERIVED_MODE_ONLY = {"speedup_vs_baseline", "prefill_speedup_vs_baseline"}
 STREAM_VALUES = {k for k, _, _ in bench.VALUES if k.endswith(("_reference", "_context"))}
@@ -54,7 +55,7 @@ def test_every_mode_metric_is_there(report):
     for key, _, _ in bench.TIMINGS:
         _check_stat(r["timings"][key])
     for key, _, _ in bench.VALUES:
-        if key in CUDA_ONLY:
+        if key in CUDA_ONLY | COMPILE_ONLY:
             continue
         assert key in r["values"], key
         assert _finite(r["values"][key]), (key, r["values"][key])
@@ -126,3 +127,21 @@ def test_cli_arguments():
         p.parse_args(["--mode", "fp16"])
     with pytest.raises(InputError, match="--random-weights"):
         bench.BenchConfig.from_args(p.parse_args([]))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step(tmp_path, monkeypatch, capsys):
+    """--compile: the measured decode steps run through the compiled static step; its compile time is reported."""
+    from omnitalk.model.llm import StaticStep
+    calls = []
+    call = StaticStep.__call__
+    monkeypatch.setattr(StaticStep, "__call__", lambda self, ids, pos: calls.append(pos) or call(self, ids, pos))
+    out = tmp_path / "bench.json"
+    assert bench.main(FAST + ["--mode", "fp32", "--compile", "--only", "decode", "--in-process", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["compile"] is True
+    r = report["results"]["fp32"]
+    assert r["values"]["compile_s"] > 0
+    _check_stat(r["timings"]["decode_step"])
+    assert len(calls) >= 2 + 2  # the warm-up's two batch sizes, then the timed steps
+    assert "decode step torch.compile-d" in capsys.readouterr().out

@@ -35,6 +35,9 @@ class ScriptedLM:
     def prefill(self, ids, pos, shared=0):
         return self.forward_hidden(ids, pos)[:, -1]
 
+    def decode_step(self, ids, pos):
+        return self.forward_hidden(self.embed(ids), pos)[:, -1]
+
     def text_logits(self, h):
         k = int(h[0, 0])
         logits = torch.zeros(h.size(0), CFG.text_vocab_size)

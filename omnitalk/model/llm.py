@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     the (out, in) weight once for all rows (fp32 or bf16 weights, fp32 sums), while MKL's x @ weight.T
     packs the whole weight first — 2-3x slower for 2 rows. Same products, another summation order
     (differences at float rounding level). Without the kernel, `weight @ x.T` for up to 8 fp32 rows."""
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         y = kernels.gemv(x, weight)  # None where it does not apply (rows, dtypes, autograd, not built)
         if y is None and x.dtype == torch.float32 and weight.dtype == torch.float32 \
                 and x.numel() <= 8 * x.shape[-1]:
@@ -88,13 +88,26 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (b, ng, T, hs) written at [pos, pos+T) of rows 0..b-1 (b <= the cache's batch; b = 1 for a
-        # shared prefix); returns their filled prefix (b, ng, pos+T, hs)
-        b, end = k.size(0), pos + k.size(2)
-        self.k[:b, :, pos:end] = k
-        self.v[:b, :, pos:end] = v
-        return self.k[:b, :, :end], self.v[:b, :, :end]
+    def update(self, pos, k: torch.Tensor, v: torch.Tensor):
+        """-> (keys, values, mask or None) for attention of the written positions.
+
+        pos int: k, v (b, ng, T, hs) written at [pos, pos+T) of rows 0..b-1 (b <= the cache's batch; b = 1
+        for a shared prefix); returns their filled prefix (b, ng, pos+T, hs) and no mask.
+        pos (b,) tensor, T == 1 (the static step of `OmniLM.compile_decode`): row r written at pos[r];
+        returns all max_len positions and a (b, 1, 1, max_len) mask of those <= pos[r]: the same shapes at
+        every step, so the step compiles once and runs as one CUDA graph.
+        """
+        b = k.size(0)
+        if isinstance(pos, int):
+            end = pos + k.size(2)
+            self.k[:b, :, pos:end] = k
+            self.v[:b, :, pos:end] = v
+            return self.k[:b, :, :end], self.v[:b, :, :end], None
+        r = torch.arange(b, device=pos.device)
+        self.k[r, :, pos] = k[:, :, 0]
+        self.v[r, :, pos] = v[:, :, 0]
+        mask = (torch.arange(self.k.size(2), device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+        return self.k[:b], self.v[:b], mask
 
     def copy_rows(self, src: int, dst, start: int, end: int) -> None:
         """Positions [start, end) of row `src` into rows `dst` (a shared prompt prefix, computed once)."""
@@ -154,7 +167,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(pos, k, v, rows)
         elif self.kv_cache is not None:
-            k, v = self.kv_cache.update(pos, k, v)
+            k, v, mask = self.kv_cache.update(pos, k, v)
         S = k.size(2)  # keys visible: everything cached so far
         if mask is not None or T == 1:
             causal = False
@@ -213,13 +226,27 @@ class OmniLM(nn.Module):
 
     # ---- KV cache -----------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:
-        """Allocate caches for `max_len` positions (<= block_size), only the ng key/value heads."""
+        """Allocate caches for `max_len` positions (<= block_size), only the ng key/value heads.
+
+        After `compile_decode()` every request shares one set of static caches (2 rows, block_size
+        positions, allocated once): the compiled step keeps its shapes and its CUDA graph's addresses."""
         if max_len > self.cfg.block_size:
             raise ValueError(f"{max_len} positions exceed the model's context of {self.cfg.block_size}")
-        w = self.transformer.wte.weight
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch, self.cfg.n_query_groups, max_len, self.cfg.head_size,
-                                          self.act_dtype, w.device)
+        static = self.__dict__.get("_static_step")
+        if static is not None:
+            batch, max_len = max(batch, static.rows), self.cfg.block_size
+            if static.caches is None or static.caches[0].k.size(0) < batch:
+                static.caches = self._new_caches(batch, max_len)
+            for block, cache in zip(self.transformer.h, static.caches):
+                block.attn.kv_cache = cache
+            return
+        for block, cache in zip(self.transformer.h, self._new_caches(batch, max_len)):
+            block.attn.kv_cache = cache
+
+    def _new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        dev = self.transformer.ln_f.weight.device
+        return [KVCache(batch, self.cfg.n_query_groups, max_len, self.cfg.head_size, self.act_dtype, dev)
+                for _ in self.transformer.h]
 
     def clear_cache(self) -> None:
         for block in self.transformer.h:
@@ -315,7 +342,74 @@ class OmniLM(nn.Module):
         logits = self._head(h, slice(self.cfg.text_vocab_size, self.cfg.padded_vocab_size))
         return logits.unflatten(-1, (self.cfg.n_audio_layers, self.cfg.audio_vocab_size))
 
+    # ---- the decode step, plain or compiled ----------------------------------------------
+    def decode_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids (B, 8, 1) fed at position pos (every row) -> final hidden states (B, C), through the
+        module caches. After `compile_decode()` this is the compiled static step."""
+        static = self.__dict__.get("_static_step")
+        if static is not None and static.ready(self, ids.size(0)):
+            return static(ids, pos)
+        return self.forward_hidden(self.embed(ids), pos)[:, -1]
+
+    def static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decode step with the same shapes at every position (what torch.compile traces): ids (B, 8, 1),
+        pos (B,) -> (B, C). Attends over the whole cache under a mask instead of its filled prefix: no
+        host syncs, no data-dependent shapes."""
+        x = self.embed(ids)                                                      # (B, 1, C)
+        cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]  # (B, 1, 1, hs)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, pos)
+        return self.transformer.ln_f(x)[:, -1]
+
+    def compile_decode(self, mode: str | None = None, warmup: bool = True) -> "OmniLM":
+        """Run decode steps through `torch.compile` (gpt-fast's recipe): static caches of block_size
+        positions, one graph per batch size, and on CUDA mode 'reduce-overhead', i.e. each step replayed
+        as one CUDA graph (no per-kernel launch cost). `warmup` compiles both batch sizes now (minutes on
+        a CPU, tens of seconds on a GPU) instead of in the first answer. On the CPU omnitalk's own decode
+        kernels are usually faster (docs/performance.md); compiling is for GPUs."""
+        self.__dict__["_static_step"] = StaticStep(self, mode)
+        if warmup:
+            self.__dict__["_static_step"].warmup(self)
+        return self
+
     def forward(self, ids: torch.Tensor, pos: int = 0, features=()) -> tuple[torch.Tensor, torch.Tensor]:
         """Full logits for every position: text (B, T, Vt), audio (B, T, 7, Va). For tests/training."""
         h = self.forward_hidden(self.embed(ids, features), pos)
         return self.text_logits(h), self.audio_logits(h)
+
+
+class StaticStep:
+    """`OmniLM.static_step` compiled, with its position held in a device tensor (no per-step copies)."""
+    rows = 2  # the static caches hold a pair: speech mode (1 row) and pair mode (2 rows) share them
+
+    def __init__(self, lm: OmniLM, mode: str | None = None):
+        dev = lm.transformer.ln_f.weight.device
+        self.cuda = dev.type == "cuda"
+        self.mode = mode or ("reduce-overhead" if self.cuda else "default")
+        self.fn = torch.compile(lm.static_step, mode=self.mode, fullgraph=True, dynamic=False)
+        self.pos = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        self.caches: list[KVCache] | None = None
+        self.calls = 0  # steps run through the compiled function (tests and the bench check it is used)
+
+    def ready(self, lm: OmniLM, batch: int) -> bool:
+        """True when the module caches are the static ones (a request set up after compile_decode)."""
+        cache = lm.transformer.h[0].attn.kv_cache
+        return self.caches is not None and cache is self.caches[0] and batch <= self.rows
+
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        self.pos.fill_(pos)
+        self.calls += 1
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output may be overwritten
+        return self.fn(ids, self.pos[:ids.size(0)])
+
+    @torch.inference_mode()
+    def warmup(self, lm: OmniLM) -> None:
+        """Compile (and on CUDA record) the step for both batch sizes, at the last position of the caches
+        (which every request overwrites before it reads it)."""
+        lm.setup_cache(self.rows, lm.cfg.block_size)
+        ids = torch.zeros(self.rows, lm.cfg.n_audio_layers + 1, 1, dtype=torch.long, device=self.pos.device)
+        for b in (1, self.rows):
+            for _ in range(3 if self.cuda else 1):  # cudagraph trees record on the second call
+                self(ids[:b], lm.cfg.block_size - 1)
+        lm.clear_cache()

@@ -76,12 +76,16 @@ def equal(name, got, exp) -> Item:
     return Item(name, got == exp, "exact" if got == exp else f"got {got!r}, expected {exp!r}")
 
 
-def check(root: Path, max_tokens: int = 48, stride: int = 4, snac_seed: int = 1234) -> list[Item]:
+def check(root: Path, max_tokens: int = 48, stride: int = 4, snac_seed: int = 1234,
+          compile: bool = False) -> list[Item]:
     """Recompute and compare every expected file. The decoding settings are the caller's (defaults: the
-    official fixture's 48-step budget, stride 4, SNAC seed 1234): expected/ is only read to compare."""
+    official fixture's 48-step budget, stride 4, SNAC seed 1234): expected/ is only read to compare.
+    `compile`: decode through the compiled static step (`OmniLM.compile_decode`)."""
     root = Path(root)
     exp_dir, inp = root / "expected", root / "inputs"
     model = OmniModel.from_pretrained(root / "checkpoint", device="cpu", download=False)
+    if compile:
+        model.lm.compile_decode()
     wav, image = inp / "question.wav", inp / "image.png"
     prompt = (inp / "prompt.txt").read_text(encoding="utf-8")
     items: list[Item] = []
@@ -283,8 +287,9 @@ def main(argv=None) -> int:
                     "with (default 48, the official fixture's)")
     ap.add_argument("--stride", type=int, default=4, help="streaming stride the fixture was made with (4)")
     ap.add_argument("--snac-seed", type=int, default=1234, help="torch seed set before every SNAC decode (1234)")
+    ap.add_argument("--compile", action="store_true", help="decode through the torch.compile'd static step")
     a = ap.parse_args(argv)
-    items = check(a.fixture, a.max_tokens, a.stride, a.snac_seed)
+    items = check(a.fixture, a.max_tokens, a.stride, a.snac_seed, a.compile)
     if a.manifests:
         items += check_manifests(a.manifests)
     width = max(len(i.name) for i in items)

@@ -79,6 +79,44 @@ def test_cached_decoding_equals_full_forward():
     assert lm.transformer.h[0].attn.kv_cache.k.shape == (2, 2, 16, 8)
 
 
+def test_static_step_equals_the_plain_step():
+    """The step torch.compile traces (whole cache under a mask, position as a tensor) computes what the
+    plain cached step computes, and writes only its own position of the cache."""
+    lm = small()
+    ids = random_ids(lm.cfg, 2, 14, seed=5)
+    with torch.no_grad():
+        lm.setup_cache(2, 14)
+        plain = [lm.forward_hidden(lm.embed(ids[..., :9]), 0)[:, -1]]
+        plain += [lm.forward_hidden(lm.embed(ids[..., t:t + 1]), t)[:, -1] for t in range(9, 14)]
+        lm.setup_cache(2, lm.cfg.block_size)
+        static = [lm.forward_hidden(lm.embed(ids[..., :9]), 0)[:, -1]]
+        for t in range(9, 14):
+            static.append(lm.static_step(ids[..., t:t + 1], torch.full((2,), t)))
+            k = lm.transformer.h[0].attn.kv_cache.k
+            assert k[:, :, t].abs().sum() > 0 and k[:, :, t + 1:].abs().sum() == 0
+    torch.testing.assert_close(torch.stack(static), torch.stack(plain), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # one row alone (speech mode) reads row 0 of the same caches
+        one = lm.static_step(ids[:1, :, 13:14], torch.full((1,), 13))
+    torch.testing.assert_close(one, plain[-1][:1], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_step_shares_static_caches():
+    """After compile_decode every request gets the same block_size caches (addresses a CUDA graph keeps);
+    a request set up without them runs the plain step."""
+    lm = small()
+    lm.compile_decode(warmup=False)
+    lm.setup_cache(1, 20)
+    first = lm.transformer.h[0].attn.kv_cache
+    assert first.k.shape == (2, lm.cfg.n_query_groups, lm.cfg.block_size, lm.cfg.head_size)
+    lm.clear_cache()
+    lm.setup_cache(2, 50)
+    assert lm.transformer.h[0].attn.kv_cache is first
+    static = lm.__dict__["_static_step"]
+    assert static.ready(lm, 2) and not static.ready(lm, 3)
+    lm.transformer.h[0].attn.kv_cache = None
+    assert not static.ready(lm, 1)
+
+
 def test_context_limit_is_enforced():
     lm = small()
     with pytest.raises(ValueError, match="context of 2048"):

@@ -90,6 +90,20 @@ def test_checker_passes_on_official_fixture():
     assert_every_file_compared(items, OFFICIAL)
 
 
+@pytest.mark.slow
+def test_checker_passes_with_the_compiled_step(monkeypatch):
+    """`--compile`: every decode step through torch.compile's static step, the fixture's outputs still."""
+    from omnitalk.model.llm import StaticStep
+    steps = []
+    call = StaticStep.__call__
+    monkeypatch.setattr(StaticStep, "__call__", lambda self, ids, pos: steps.append(ids.size(0)) or call(self, ids, pos))
+    items = parity.check(OFFICIAL, compile=True)
+    assert not failures(items)
+    assert tasks_checked(items) == set(R.TASKS)
+    # the warm-up (3 per batch size on CUDA, 1 here) and then every decode step of the 7 tasks
+    assert steps[:2] == [1, 2] and steps.count(2) > 40 and steps.count(1) > 40
+
+
 # ---- (b) the oracle reproduces the official outputs -------------------------------------------------
 @pytest.fixture(scope="module")
 def official_reference():
