@@ -237,6 +237,9 @@ class OmniLM(nn.Module):
             batch, max_len = max(batch, static.rows), self.cfg.block_size
             if static.caches is None or static.caches[0].k.size(0) < batch:
                 static.caches = self._new_caches(batch, max_len)
+                for c in static.caches:  # the CUDA graph reads and writes them in place: fixed addresses
+                    torch._dynamo.mark_static_address(c.k)
+                    torch._dynamo.mark_static_address(c.v)
             for block, cache in zip(self.transformer.h, static.caches):
                 block.attn.kv_cache = cache
             return
