@@ -318,13 +318,14 @@ class SceneHead(nn.Module):
                 + ce(out["centre"], y["centre"]))
 
 
-def make_scenes(n: int, seed: int, size: int = 224, patch: int = 32, progress: bool = False):
-    """n drawn scenes -> (preprocessed images (n, 3, size, size), {label name: stacked labels})."""
+def make_scenes(n: int, seed: int | random.Random, size: int = 224, patch: int = 32, progress: bool = False):
+    """n drawn scenes -> (preprocessed images (n, 3, size, size), {label name: stacked labels}).
+    `seed`: an int, or a random.Random to draw from (and advance)."""
     from tqdm.auto import tqdm
 
     from omnitalk import vision
 
-    rng = random.Random(seed)
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     imgs, labels = [], []
     for _ in tqdm(range(n), desc="scenes", disable=not progress):
         img, lab = random_scene(rng, size, patch)
@@ -333,19 +334,25 @@ def make_scenes(n: int, seed: int, size: int = 224, patch: int = 32, progress: b
     return torch.stack(imgs), {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in labels[0]}
 
 
-def pretrain_vision_encoder(vit, *, steps: int = 400, batch_size: int = 32, n_images: int = 2000,
+def pretrain_vision_encoder(vit, *, steps: int = 400, batch_size: int = 32, n_images: int | None = 2000,
                             n_held_out: int = 200, lr: float = 1e-3, min_lr: float = 5e-5, warmup: int = 30,
                             seed: int = 0, max_minutes: float | None = None, log_every: int = 25,
                             progress: bool = True) -> Stage0Result:
-    """Train `vit` (an omnitalk VisionTransformer) in place on freshly drawn scenes."""
+    """Train `vit` (an omnitalk VisionTransformer) in place on drawn scenes: `n_images` drawn once and
+    sampled from, or with `n_images` None / 0 new scenes for every batch (nothing to memorise; drawing
+    costs a few ms a scene). The held-out scenes are drawn from another seed either way."""
     torch.manual_seed(seed)
     size, patch = vit.dims.image_resolution, vit.dims.patch_size
-    X, Y = make_scenes(n_images, seed, size, patch, progress)
+    fresh = not n_images
+    X, Y = (None, None) if fresh else make_scenes(n_images, seed, size, patch, progress)
     Xh, Yh = make_scenes(n_held_out, seed + 10_000, size, patch)
     head = SceneHead(vit.dims.output_dim)
-    g = torch.Generator().manual_seed(seed)
+    g, scene_rng = torch.Generator().manual_seed(seed), random.Random(seed)
 
     def batch_loss() -> torch.Tensor:
+        if fresh:
+            x, y = make_scenes(batch_size, scene_rng, size, patch)
+            return SceneHead.loss(head(vit(x)), y)
         idx = torch.randint(0, len(X), (batch_size,), generator=g)
         return SceneHead.loss(head(vit(X[idx])), {k: v[idx] for k, v in Y.items()})
 

@@ -164,6 +164,27 @@ def test_vision_pretraining_runs_and_freezes():
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())
 
 
+def test_vision_pretraining_on_fresh_scenes_draws_every_batch(monkeypatch):
+    """n_images None: every step draws new scenes (the same ones for the same seed); held-out as before."""
+    drawn = []
+    real = stage0.make_scenes
+    monkeypatch.setattr(stage0, "make_scenes", lambda n, seed, *a, **k: drawn.append((n, seed)) or real(n, seed, *a, **k))
+
+    def run():
+        torch.manual_seed(0)
+        vit = VisionTransformer(VisionDims(224, 32, 64, 1, 1, 64))
+        res = stage0.pretrain_vision_encoder(vit, steps=5, batch_size=4, n_images=None, n_held_out=8, lr=3e-3,
+                                             warmup=1, progress=False, log_every=1)
+        return res, vit
+    (res, vit), calls = run(), list(drawn)
+    assert res.steps == 5 and res.metrics["n"] == 8
+    assert calls[0] == (8, 10_000)  # the held-out scenes, from their own seed
+    assert [n for n, _ in calls[1:]] == [4] * 5 and all(isinstance(r, random.Random) for _, r in calls[1:])
+    drawn.clear()
+    res2, vit2 = run()
+    assert torch.equal(vit.conv1.weight, vit2.conv1.weight)  # seeded: the same scenes, the same weights
+
+
 def test_cosine_lr_warms_up_then_decays():
     lrs = [stage0.cosine_lr(s, 100, 1.0, 0.1, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
