@@ -631,7 +631,10 @@ def train_codec(cfg: CodecTrainConfig, *, resume: bool = False, data=None, synth
                                   disable=not cfg.progress) as bar:
         while step < cfg.steps:
             if cfg.max_minutes and time.perf_counter() - t0 > cfg.max_minutes * 60:
-                log.warning("codec: %.1f-minute budget reached at step %d of %d", cfg.max_minutes, step, cfg.steps)
+                log.warning("codec: %.1f-minute budget reached at step %d of %d; exporting, and saving a checkpoint "
+                            "that --resume continues from (with a new budget)", cfg.max_minutes, step, cfg.steps)
+                if step % cfg.checkpoint_every != 0:
+                    save_codec_checkpoint(out, snac, opt, step, sampler, dead, gen, cfg, disc, opt_d)
                 break
             lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
             for g in opt.param_groups:

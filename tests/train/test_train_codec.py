@@ -205,6 +205,28 @@ def test_sigterm_checkpoint_and_exact_resume(tmp_path):
         C.train_codec(other, data=items, resume=True)
 
 
+def test_budget_stop_exports_and_resumes_exactly(tmp_path):
+    """max_minutes reached: the codec is exported and evaluated as usual, and a checkpoint at that step
+    lets --resume finish the schedule (same weights as an uninterrupted run)."""
+    items = split(tones(8))
+    full = C.train_codec(tiny_cfg(tmp_path / "a", steps=12), data=items)
+    cfg = tiny_cfg(tmp_path / "b", steps=12)
+
+    def budget_gone_at_5(step, parts):
+        if step == 5:
+            cfg.max_minutes = 1e-9
+
+    cut = C.train_codec(cfg, data=items, callbacks=[budget_gone_at_5])
+    assert cut.step == 5 and not cut.stopped and (cut.path / "model.safetensors").is_file()
+    assert (tmp_path / "b" / "run" / "checkpoints" / "step-0000005" / "state.pt").is_file()
+    cfg.max_minutes = None
+    resumed = C.train_codec(cfg, data=items, resume=True)
+    assert resumed.step == 12
+    from safetensors.torch import load_file
+    a, b = (load_file(str(r.path / "model.safetensors")) for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_discriminators_shapes_and_losses():
     from omnitalk.train.discriminators import CodecDiscriminator, discriminator_loss, generator_losses
     torch.manual_seed(0)
