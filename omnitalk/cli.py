@@ -64,7 +64,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fp32: the release's exact outputs (default); bf16 / int8: faster, smaller")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one CUDA graph per step on a GPU); compiling takes "
-                        "a while at start-up. On a CPU omnitalk's own kernels are usually faster")
+                        "a while at start-up. For GPUs: on a CPU omnitalk's own kernels are several times faster")
     add_whisper_window_arg(p)
 
 

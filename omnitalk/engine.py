@@ -193,6 +193,9 @@ class OmniModel:
         as the plain step (the parity fixture passes either way), after a compile at the first call here.
         For single requests (`generate`, `stream`, `steps`); the server's multi-session scheduler batches
         its own steps and is not compiled."""
+        if self.device.type == "cpu":
+            log.warning("--compile on a CPU: omnitalk's own decode kernels are several times faster than the "
+                        "compiled step there (docs/performance.md); compiling anyway")
         self.lm.compile_decode(mode)
         return self
 
