@@ -92,7 +92,7 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     ts = _recipe()
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "demo_piper")
     assert rc["world"]["answer_synth"] == "piper" and rc["world"]["n_train"] == 4300
-    assert rc["codec"] == "runs/codec-piper-wide/final"
+    assert rc["codec"] == "runs/codec-piper-wide-more/final"
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
     rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper"}
     assets = ts.make_assets(tmp_path / "assets", rc, 0)
