@@ -223,6 +223,7 @@ class OmniLM(nn.Module):
         cos, sin = rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.compiled_step: StaticStep | None = None  # set by compile_decode()
 
     # ---- KV cache -----------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int) -> None:
@@ -232,18 +233,9 @@ class OmniLM(nn.Module):
         positions, allocated once): the compiled step keeps its shapes and its CUDA graph's addresses."""
         if max_len > self.cfg.block_size:
             raise ValueError(f"{max_len} positions exceed the model's context of {self.cfg.block_size}")
-        static = self.__dict__.get("_static_step")
-        if static is not None:
-            batch, max_len = max(batch, static.rows), self.cfg.block_size
-            if static.caches is None or static.caches[0].k.size(0) < batch:
-                static.caches = self._new_caches(batch, max_len)
-                for c in static.caches:  # the CUDA graph reads and writes them in place: fixed addresses
-                    torch._dynamo.mark_static_address(c.k)
-                    torch._dynamo.mark_static_address(c.v)
-            for block, cache in zip(self.transformer.h, static.caches):
-                block.attn.kv_cache = cache
-            return
-        for block, cache in zip(self.transformer.h, self._new_caches(batch, max_len)):
+        static = self.compiled_step
+        caches = static.caches(self) if static is not None and batch <= static.rows else self._new_caches(batch, max_len)
+        for block, cache in zip(self.transformer.h, caches):
             block.attn.kv_cache = cache
 
     def _new_caches(self, batch: int, max_len: int) -> list[KVCache]:
@@ -349,7 +341,7 @@ class OmniLM(nn.Module):
     def decode_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """ids (B, 8, 1) fed at position pos (every row) -> final hidden states (B, C), through the
         module caches. After `compile_decode()` this is the compiled static step."""
-        static = self.__dict__.get("_static_step")
+        static = self.compiled_step
         if static is not None and static.ready(self, ids.size(0)):
             return static(ids, pos)
         return self.forward_hidden(self.embed(ids), pos)[:, -1]
@@ -370,9 +362,9 @@ class OmniLM(nn.Module):
         as one CUDA graph (no per-kernel launch cost). `warmup` compiles both batch sizes now (minutes on
         a CPU, tens of seconds on a GPU) instead of in the first answer. On the CPU omnitalk's own decode
         kernels are usually faster (docs/performance.md); compiling is for GPUs."""
-        self.__dict__["_static_step"] = StaticStep(self, mode)
+        self.compiled_step = StaticStep(self, mode)
         if warmup:
-            self.__dict__["_static_step"].warmup(self)
+            self.compiled_step.warmup(self)
         return self
 
     def forward(self, ids: torch.Tensor, pos: int = 0, features=()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,13 +383,23 @@ class StaticStep:
         self.mode = mode or ("reduce-overhead" if self.cuda else "default")
         self.fn = torch.compile(lm.static_step, mode=self.mode, fullgraph=True, dynamic=False)
         self.pos = torch.zeros(self.rows, dtype=torch.long, device=dev)
-        self.caches: list[KVCache] | None = None
+        self.static_caches: list[KVCache] | None = None
         self.calls = 0  # steps run through the compiled function (tests and the bench check it is used)
+
+    def caches(self, lm: OmniLM) -> list[KVCache]:
+        """The static caches (rows x block_size per layer), allocated at the first request and then shared
+        by every request: the CUDA graph reads and writes them in place, so their addresses stay fixed."""
+        if self.static_caches is None:
+            self.static_caches = lm._new_caches(self.rows, lm.cfg.block_size)
+            for c in self.static_caches:
+                torch._dynamo.mark_static_address(c.k)
+                torch._dynamo.mark_static_address(c.v)
+        return self.static_caches
 
     def ready(self, lm: OmniLM, batch: int) -> bool:
         """True when the module caches are the static ones (a request set up after compile_decode)."""
         cache = lm.transformer.h[0].attn.kv_cache
-        return self.caches is not None and cache is self.caches[0] and batch <= self.rows
+        return self.static_caches is not None and cache is self.static_caches[0] and batch <= self.rows
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         self.pos.fill_(pos)

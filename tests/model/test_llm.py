@@ -111,7 +111,7 @@ def test_compiled_step_shares_static_caches():
     lm.clear_cache()
     lm.setup_cache(2, 50)
     assert lm.transformer.h[0].attn.kv_cache is first
-    static = lm.__dict__["_static_step"]
+    static = lm.compiled_step
     assert static.ready(lm, 2) and not static.ready(lm, 3)
     lm.transformer.h[0].attn.kv_cache = None
     assert not static.ready(lm, 1)
