@@ -41,6 +41,11 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def can_write(self, text: str) -> bool:
+        """Whether the model can write `text` at all (it survives encode + decode; a closed word-level
+        vocabulary, like the small world's, cannot write words it does not have)."""
+        return " ".join(self.decode(self.encode(text)).lower().split()) == " ".join(text.lower().split())
+
 
 class StreamingText:
     """Turns a growing list of text ids into deltas that never split a UTF-8 character.

@@ -94,10 +94,16 @@ def check_same_codes(run_codec: Path, codec: Path) -> None:
 
 
 def choose_stop_detector(report: dict, tokenizer_json: Path, command: str = "stop omni") -> str:
-    """'listening' when the run's held-out interruption numbers are good enough to trust, or when the
-    model's ASR cannot write the command at all (its words are not in the world's vocabulary); else 'asr'."""
+    """How `omnitalk serve` listens for the stop command. When the run measured both detectors on its
+    held-out clips (train_small.py does when the world taught ASR the command): the one with the higher
+    F1, the fewer false interruptions on a tie. Otherwise 'listening' when its numbers are good enough
+    to trust or when the model's ASR cannot write the command at all (its words are not in the world's
+    vocabulary); else 'asr'."""
     m = report.get("summary") or {}
     f1, false = m.get("interrupt_f1"), m.get("false_interruption_rate")
+    if m.get("asr_stop_f1") is not None and f1 is not None:
+        asr_key = (m["asr_stop_f1"], -m["asr_stop_false_rate"])
+        return "asr" if asr_key > (f1, -(false or 0.0)) else "listening"
     trusted = f1 is not None and false is not None and f1 >= 0.9 and false <= 0.05
     vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
     asr_can = all(w in vocab for w in command.split())

@@ -415,6 +415,8 @@ def evaluate(final: Path, world: Path, rc: dict) -> dict:
     rep = {"asr": evaluate_asr(model, asr, max_tokens=64, progress=progress),
            "qa": evaluate_qa(model, qa, speech=True, max_tokens=96, progress=progress),
            "interrupt": evaluate_interrupt(model, irq, progress=progress)}
+    if model.tokenizer.can_write("stop omni"):  # the world had cmd records: the server's ASR stop detector too
+        rep["interrupt_asr"] = evaluate_interrupt(model, irq, progress=progress, detector="asr")
     # spoken + visual QA split out (the two numbers)
     items = {i["id"]: i for i in rep["qa"]["items"]}
     by_kind: dict[str, list] = {}
@@ -460,6 +462,10 @@ def summarize(rep: dict, train_wall_s: float) -> dict:
         "false_interruption_rate": i["false_interruption_rate"], "median_delay_ms": i["median_delay_ms"],
         "train_wall_minutes": train_wall_s / 60,
     }
+    if "interrupt_asr" in rep:  # `omnitalk serve --stop-detector asr` replayed over the same clips
+        j = rep["interrupt_asr"]
+        s.update(asr_stop_f1=j["f1"], asr_stop_false_rate=j["false_interruption_rate"],
+                 asr_stop_delay_ms=j["median_delay_ms"], asr_stop_look_ms=j.get("asr_look_ms_median"))
     T = TARGETS
     met = {
         "asr_wer": s["asr_wer"] <= T["asr_wer_max"],

@@ -81,6 +81,15 @@ def test_text_deltas_never_split_utf8():
     assert deltas == ["", "", "日", "", "", "本"]
 
 
+def test_can_write_knows_a_closed_vocabulary(tmp_path):
+    from omnitalk.train.world import build_tokenizer
+    assert TextTokenizer(FIX / "checkpoint" / "tokenizer.json").can_write("Stop omni")   # byte-level BPE: anything
+    build_tokenizer(["the", "red", "circle", "stop"], tmp_path / "tok.json")
+    world = TextTokenizer(tmp_path / "tok.json")
+    assert world.can_write("the red circle") and world.can_write("Stop")
+    assert not world.can_write("stop omni")
+
+
 # ---- bad inputs ----------------------------------------------------------------------------------
 def wav_bytes(x, sr=16000):
     buf = io.BytesIO()

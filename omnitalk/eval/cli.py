@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from omnitalk.errors import InputError, OmnitalkError
-from omnitalk.eval.metrics import (IndependentRecognizer, InterruptionMetrics, agreement, codebook_match, corpus_wer,
-                                   exact_match)
+from omnitalk.eval.metrics import (FRAME_MS, IndependentRecognizer, InterruptionMetrics, agreement, codebook_match,
+                                   corpus_wer, exact_match)
 from omnitalk.eval.normalize import EnglishTextNormalizer
 
 PAPER_ASR_WER = {"test-clean": 4.8, "test-other": 9.8, "dev-clean": 4.7, "dev-other": 9.4}
@@ -125,6 +125,45 @@ def predict_interrupt(model, frames) -> list[int]:
     return model.listen(frames=frames)
 
 
+def asr_stop_statuses(model, audio_16k: np.ndarray, n_frames: int, phrases: Sequence[str] | None = None,
+                      step_ms: int = 80, timings: list | None = None) -> list[int]:
+    """The stop detector of `omnitalk serve --stop-detector asr`, replayed over one clip: the server's
+    CommandDetector is fed the audio `step_ms` at a time on the audio's own clock; whenever it is ready
+    it transcribes its window with the model's ASR (the server's token budget, server.app.command_asr)
+    and matches the stop phrases. A look takes its real compute time: its result arrives that much
+    later, and the next look starts after it (one look at a time; the server overlaps two, so this is
+    the slower case). Returns one 0/1 per SNAC frame: 1 from the frame in which a match arrived.
+    `timings` (a list) collects each look's seconds."""
+    from omnitalk.server.vad import DEFAULT_STOP_PHRASES, CommandDetector
+
+    def transcribe(x: np.ndarray) -> str:
+        return model.generate(audio=x, sr=16000, task="asr", reply="text", max_tokens=4 + int(4 * len(x) / 16000)).text
+
+    det = CommandDetector(transcribe, DEFAULT_STOP_PHRASES if phrases is None else phrases)
+    step = int(step_ms * 16)
+    busy_until, fired_ms = 0.0, None
+    for i in range(0, len(audio_16k), step):
+        det.feed(audio_16k[i:i + step])
+        t = min(i + step, len(audio_16k)) / 16000
+        if t < busy_until or not det.ready(now=t):
+            continue
+        gen, window = det.take(now=t)
+        t0 = time.perf_counter()
+        phrase = det.check(window)
+        cost = time.perf_counter() - t0
+        if timings is not None:
+            timings.append(cost)
+        busy_until = t + cost
+        if det.done(gen, phrase):
+            fired_ms = 1000 * busy_until
+            break
+    statuses = [0] * n_frames
+    if fired_ms is not None and n_frames:
+        first = min(n_frames - 1, int(fired_ms // FRAME_MS))
+        statuses[first:] = [1] * (n_frames - first)
+    return statuses
+
+
 def _resolve(spec: str) -> Callable:
     mod, _, name = spec.partition(":")
     if not name:
@@ -133,16 +172,23 @@ def _resolve(spec: str) -> Callable:
 
 
 def evaluate_interrupt(model, records: Sequence[dict], predictor: Callable | None = None,
-                       predictions: dict | None = None, progress: bool = True) -> dict:
+                       predictions: dict | None = None, progress: bool = True, detector: str = "listening") -> dict:
     """Interruption detection on 'interrupt' records: clip precision / recall / F1, false interruptions
     on negatives, reaction delay (eval.metrics.InterruptionMetrics). Statuses come from
-    `predictions` ({id: [0/1 per frame]}) or `predictor(model, listen_frames)`."""
+    `predictions` ({id: [0/1 per frame]}), `predictor(model, listen_frames)` (detector 'listening'), or
+    the server's ASR stop detector replayed over the clip's audio (detector 'asr', asr_stop_statuses)."""
+    if detector not in ("listening", "asr"):
+        raise InputError(f"detector must be 'listening' or 'asr', got {detector!r}")
     predictor = predictor or predict_interrupt
     m = InterruptionMetrics()
-    items = []
+    items, looks = [], []
     t0 = time.perf_counter()
     for r in _progress(records, "interrupt", len(records), progress):
-        if predictions is not None:
+        if detector == "asr":
+            from omnitalk.audio import load_audio
+            statuses = asr_stop_statuses(model, load_audio(r["listen_audio"]), len(r["labels"]),
+                                         timings=looks)
+        elif predictions is not None:
             if r["id"] not in predictions:
                 raise InputError(f"no prediction for clip {r['id']!r}")
             statuses = predictions[r["id"]]
@@ -156,7 +202,11 @@ def evaluate_interrupt(model, records: Sequence[dict], predictor: Callable | Non
         items.append({"id": r["id"], "positive": any(r["labels"]), "first_irq_frame": fired,
                       "label_onset": r["labels"].index(1) if 1 in r["labels"] else None,
                       "noise": r.get("noise"), "snr_db": r.get("snr_db")})
-    return {"task": "interrupt", "n": len(items), **m.result(), "seconds": time.perf_counter() - t0, "items": items}
+    extra = {"detector": detector}
+    if looks:
+        extra.update(asr_looks=len(looks), asr_look_ms_median=1000 * float(np.median(looks)))
+    return {"task": "interrupt", "n": len(items), **m.result(), **extra, "seconds": time.perf_counter() - t0,
+            "items": items}
 
 
 def evaluate_agreement(model, records: Sequence[dict], recognizer=None, max_tokens: int = 1024,
@@ -240,6 +290,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"function(model, frames) -> per-frame 0/1 (default: {DEFAULT_PREDICTOR})")
     q.add_argument("--predictions", default=None, metavar="JSONL",
                    help="precomputed statuses instead of a model: lines {\"id\": ..., \"statuses\": [0, 1, ...]}")
+    q.add_argument("--detector", choices=("listening", "asr"), default="listening",
+                   help="listening (default): the model's listening item (or --predictor); asr: replay the "
+                        "server's ASR stop detector (the model transcribes sliding windows) over each clip's audio")
     q.add_argument("--out", default="eval-interrupt.json", metavar="JSON")
     q.set_defaults(run=run_interrupt)
 
@@ -314,6 +367,8 @@ def run_qa(args) -> int:
 def run_interrupt(args) -> int:
     recs = load_records(args.source, ["interrupt"], args.limit)
     predictions = model = None
+    if args.predictions and args.detector == "asr":
+        raise InputError("--predictions and --detector asr exclude each other: the ASR detector runs the model")
     if args.predictions:
         predictions = {}
         for line in Path(args.predictions).read_text(encoding="utf-8").splitlines():
@@ -322,7 +377,8 @@ def run_interrupt(args) -> int:
                 predictions[d["id"]] = d["statuses"]
     else:
         model = _load_model(args)
-    rep = evaluate_interrupt(model, recs, _resolve(args.predictor), predictions, progress=not args.quiet)
+    rep = evaluate_interrupt(model, recs, _resolve(args.predictor), predictions, progress=not args.quiet,
+                             detector=args.detector)
     delay = "n/a" if rep["median_delay_ms"] is None else f"{rep['median_delay_ms']:.0f} ms"
     return _write(rep, args, f"F1 {rep['f1']:.3f} (precision {rep['precision']:.3f}, recall {rep['recall']:.3f}), "
                              f"false interruptions {100 * rep['false_interruption_rate']:.1f}%, "

@@ -279,13 +279,14 @@ class CommandDetector:
         t = f" {normalize(text)} "
         return next((p for p in self.phrases if f" {p} " in t), None)
 
-    def take(self) -> tuple[int, np.ndarray]:
+    def take(self, now: float | None = None) -> tuple[int, np.ndarray]:
         """The window to transcribe now, with its generation; call `done()` with the outcome.
 
         The window reaches back over everything since the previous look plus the length of a command,
-        so a command that ended while the looks were busy is still whole in the next one."""
+        so a command that ended while the looks were busy is still whole in the next one. `now` (as
+        in ready()) lets an offline replay run on the audio's own clock."""
         self.inflight += 1
-        self._last_start = time.monotonic()
+        self._last_start = time.monotonic() if now is None else now
         n = min(self.max_window, max(self.window, self._since_take + self.command))
         self._since_take = 0
         # the next look needs new sound: words that arrive after this point (the end of a command, say)

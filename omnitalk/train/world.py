@@ -12,6 +12,11 @@ What it contains (all English, lowercase, no punctuation; numbers are spelled ou
 - shapes:      "what shape is the red one" -> "triangle"
 - sentences:   "the red circle is above the blue star", "four plus three is seven", ... (ASR / TTS)
 
+Record kind `cmd` (not in the default mix): ASR of the stop command "stop omni" and its near misses
+("stop it", "hey omni", ...), so that a model's own ASR can write the command and `omnitalk serve` can
+listen for it with that ASR (stop_detector: asr). Their words join the vocabulary only when the mix has
+`cmd` records.
+
 With `answer_prefix` (e.g. ANSWER_PREFIX, "the answer is") every answer to a question (tasks qa and
 text) is a short phrase: "the answer is seven". A one-word spoken answer gives a listener (and a
 recogniser) no context; the phrase does (docs/demo-model.md).
@@ -61,6 +66,7 @@ ANSWER_SR = 24000
 # task kinds -> (task, question modalities, speak); the default mixture of a world manifest
 KINDS = {
     "asr": ("asr", "audio", False),
+    "cmd": ("asr", "audio", False),   # the stop command and its near misses (not in DEFAULT_MIX)
     "a2t": ("qa", "audio", False),
     "a2a": ("qa", "audio", True),
     "ia2a": ("qa", "image+audio", True),
@@ -168,8 +174,19 @@ def with_prefix(answer: str, prefix: str = "") -> str:
     return f"{prefix} {answer}" if prefix else answer
 
 
-def world_words(answer_prefix: str = "") -> list[str]:
+def command_sentences() -> tuple[list[str], list[str]]:
+    """(commands, near misses) for `cmd` records: InterruptConfig's phrases and confusers."""
+    from omnitalk.train.interrupt import InterruptConfig
+
+    cfg = InterruptConfig()
+    return list(cfg.phrases), list(cfg.confusers)
+
+
+def world_words(answer_prefix: str = "", commands: bool = False) -> list[str]:
     words = set(answer_prefix.lower().split())
+    if commands:
+        for s in sum(command_sentences(), []):
+            words.update(s.split())
     for q, _ in arithmetic_questions() + count_templates() + color_templates() + shape_templates():
         words.update(q.split())
     for s in statement_sentences():
@@ -417,7 +434,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     if answer_prefix and not re.fullmatch(r"[a-z ]+", answer_prefix.strip()):
         raise ValueError(f"answer_prefix must be lowercase words (the world's tokenizer is word-level), "
                          f"got {answer_prefix!r}")
-    words = world_words(answer_prefix)
+    words = world_words(answer_prefix, commands=bool(mix.get("cmd")))
+    commands, near_misses = command_sentences()
     tok_path = out / "tokenizer.json"
     tok = build_tokenizer(words, tok_path)
 
@@ -450,6 +468,9 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
             fields: dict = {"speak": speak}
             if kind == "asr":
                 text = rec_rng.choice(pools.sentences)
+                question, answer, image = text, text, None
+            elif kind == "cmd":  # half the command itself, half a near miss; every split (voices are held out)
+                text = rec_rng.choice(commands if rec_rng.random() < 0.5 else near_misses)
                 question, answer, image = text, text, None
             elif kind in ("a2t", "a2a", "t2t"):
                 question, answer = rec_rng.choice(pools.arith)

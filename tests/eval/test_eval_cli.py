@@ -91,6 +91,55 @@ def test_eval_asr_qa_interrupt(tmp_path, manifest, patched, capsys):
     assert rep["median_delay_ms"] == pytest.approx(5 * 2048 / 24 - 200)
 
 
+class _BurstHearer:
+    """A model whose ASR writes "stop omni" when its window holds the whole loud burst (the command: 0.6 s
+    at 16 kHz), else "the bus stop"; it counts its looks and their token budgets."""
+
+    def __init__(self):
+        self.looks = []
+
+    def generate(self, *, audio, sr, task, reply, max_tokens):
+        assert (sr, task, reply) == (16000, "asr", "text")
+        self.looks.append((len(audio), max_tokens))
+        whole = (np.abs(audio) > 0.5).sum() >= 0.95 * 0.6 * 16000
+        return argparse.Namespace(text="Stop, Omni!" if whole else "the bus stop")
+
+
+def test_asr_stop_detector_replayed_over_clips(tmp_path, monkeypatch):
+    """--detector asr: the server's CommandDetector over each clip on the audio's clock, the model's ASR
+    on its windows; the match fires in the frame where its look ended, a negative clip never fires."""
+    sr, frame_ms = 16000, 2048 / 24
+    quiet = 0.05 * np.sin(np.arange(4 * sr) / 3.0).astype(np.float32)     # 4 s of other speech
+    loud = quiet.copy()
+    loud[int(2.0 * sr):int(2.6 * sr)] = 0.8                                 # the command: 2.0-2.6 s
+    n = int(4000 // frame_ms)
+    m = _BurstHearer()
+    statuses = eval_cli.asr_stop_statuses(m, loud, n)
+    first = statuses.index(1)
+    assert statuses[first:] == [1] * (n - first) and 2600 <= (first + 1) * frame_ms <= 2600 + 80 + frame_ms
+    assert all(w <= int(2.5 * sr) and t == 4 + int(4 * w / sr) for w, t in m.looks)
+    assert eval_cli.asr_stop_statuses(_BurstHearer(), quiet, n) == [0] * n
+    # the CLI: a positive and a negative clip, the report says which detector and how long a look took
+    for name, x in (("pos", loud), ("neg", quiet)):
+        sf.write(tmp_path / f"{name}.wav", x, sr)
+    labels = [1 if i * frame_ms >= 2000 else 0 for i in range(n)]
+    recs = [make_record("pos", "interrupt", listen_audio=str(tmp_path / "pos.wav"), labels=labels,
+                        command_start_ms=2000.0, command_end_ms=2600.0),
+            make_record("neg", "interrupt", listen_audio=str(tmp_path / "neg.wav"), labels=[0] * n)]
+    write_manifest(recs, tmp_path / "irq.jsonl")
+    from omnitalk.engine import OmniModel
+    monkeypatch.setattr(OmniModel, "from_pretrained", classmethod(lambda cls, *a, **k: _BurstHearer()))
+    out = tmp_path / "irq.json"
+    assert run(["eval", "interrupt", str(tmp_path / "irq.jsonl"), "--checkpoint", "x", "--detector", "asr",
+                "--quiet", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["detector"] == "asr" and rep["f1"] == 1.0 and rep["false_interruption_rate"] == 0.0
+    assert rep["asr_looks"] > 10 and rep["asr_look_ms_median"] >= 0 and 0 <= rep["median_delay_ms"] <= 200
+    from omnitalk.errors import InputError
+    with pytest.raises(InputError, match="--predictions and --detector asr exclude each other"):
+        run(["eval", "interrupt", str(tmp_path / "irq.jsonl"), "--detector", "asr", "--predictions", "p.jsonl"])
+
+
 def test_evaluate_agreement_with_a_stub_recognizer(manifest, tiny):
     class Echo:
         def transcribe(self, audio, sr=None):

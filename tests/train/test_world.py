@@ -221,3 +221,22 @@ def test_answer_prefix_makes_answers_phrases(tmp_path):
     assert tok.decode(tok.encode("the answer is seven")) == "the answer is seven"
     with pytest.raises(ValueError, match="answer_prefix must be lowercase words"):
         W.make_world(tmp_path / "c", n_train=2, n_eval=1, answer_prefix="The answer:", progress=False)
+
+
+@needs_espeak
+def test_cmd_records_teach_asr_the_stop_command(tmp_path):
+    """kind cmd: ASR of "stop omni" and its near misses, in training and held-out voices; their words join
+    the vocabulary only when the mix has cmd records (the default world is unchanged)."""
+    commands, near = W.command_sentences()
+    assert commands == ["stop omni"] and "stop it" in near and "hey omni" in near
+    info = W.make_world(tmp_path / "w", n_train=12, n_eval=6, seed=1, mix={"asr": 1, "cmd": 2}, progress=False)
+    recs = read_manifest(info.train_manifest) + read_manifest(info.eval_manifest)
+    cmd = [r for r in recs if r["kind"] == "cmd"]
+    assert len(cmd) == 12 and all(r["task"] == "asr" and r["speak"] is False for r in cmd)
+    assert all(r["answer_text"] == r["question_transcript"] and r["answer_text"] in commands + near for r in cmd)
+    assert {r["answer_text"] for r in cmd} & set(commands) and {r["answer_text"] for r in cmd} & set(near)
+    assert {r["split"] for r in cmd} == {"train", "eval"}
+    from omnitalk.tokenizer import TextTokenizer
+    tok = TextTokenizer(info.tokenizer)
+    assert tok.decode(tok.encode("stop omni")) == "stop omni" and tok.decode(tok.encode("go on omni")) == "go on omni"
+    assert not {"stop", "omni", "hey"} & set(W.world_words())
