@@ -174,19 +174,20 @@ def with_prefix(answer: str, prefix: str = "") -> str:
     return f"{prefix} {answer}" if prefix else answer
 
 
-def command_sentences() -> tuple[list[str], list[str]]:
-    """(commands, near misses) for `cmd` records: InterruptConfig's phrases and confusers."""
+def command_sentences(interrupt_config=None) -> tuple[list[str], list[str]]:
+    """(commands, near misses) for `cmd` records: an InterruptConfig's phrases and confusers (default:
+    "stop omni" and train.interrupt.DEFAULT_CONFUSERS)."""
     from omnitalk.train.interrupt import InterruptConfig
 
-    cfg = InterruptConfig()
+    cfg = interrupt_config or InterruptConfig()
     return list(cfg.phrases), list(cfg.confusers)
 
 
-def world_words(answer_prefix: str = "", commands: bool = False) -> list[str]:
+def world_words(answer_prefix: str = "", commands: bool = False, interrupt_config=None) -> list[str]:
     words = set(answer_prefix.lower().split())
     if commands:
-        for s in sum(command_sentences(), []):
-            words.update(s.split())
+        for s in sum(command_sentences(interrupt_config), []):
+            words.update(s.lower().split())
     for q, _ in arithmetic_questions() + count_templates() + color_templates() + shape_templates():
         words.update(q.split())
     for s in statement_sentences():
@@ -434,8 +435,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     if answer_prefix and not re.fullmatch(r"[a-z ]+", answer_prefix.strip()):
         raise ValueError(f"answer_prefix must be lowercase words (the world's tokenizer is word-level), "
                          f"got {answer_prefix!r}")
-    words = world_words(answer_prefix, commands=bool(mix.get("cmd")))
-    commands, near_misses = command_sentences()
+    words = world_words(answer_prefix, commands=bool(mix.get("cmd")), interrupt_config=interrupt_config)
+    commands, near_misses = command_sentences(interrupt_config)
     tok_path = out / "tokenizer.json"
     tok = build_tokenizer(words, tok_path)
 
