@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from omnitalk import cli, demo
 from omnitalk.errors import CheckpointError
@@ -29,6 +30,21 @@ def test_the_package_carries_the_demo_model_within_its_budget():
         {str(f.relative_to(demo.DIR)) for f in files}
     info = sf.info(str(demo.QUESTION))
     assert (info.samplerate, info.channels) == (16000, 1) and 0.5 < info.duration < 5.0
+
+
+def test_the_demo_codec_is_stored_in_half_and_runs_in_float():
+    """make_demo_model stores the codec's weights in float16 (the budget); it loads into float32."""
+    from safetensors import safe_open
+
+    from omnitalk.codec import Codec
+    with safe_open(str(demo.DIR / "snac" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16"}
+    codec = Codec.from_pretrained(demo.DIR / "snac")
+    assert {p.dtype for p in codec.model.parameters()} == {torch.float32}
+    frames = np.random.default_rng(0).integers(0, 4096, (4, 7))
+    wav = codec.decode(frames, noise=False)
+    assert wav.shape == (4 * 2048,) and wav.dtype == torch.float32 and torch.isfinite(wav).all()
 
 
 def test_nothing_here(tmp_path):
@@ -90,3 +106,33 @@ def test_a_partial_checkpoint_is_an_error_not_the_demo(capsys, tmp_path):
     assert code == 2
     assert "is incomplete; missing: lit_model.pth" in err and "omnitalk download" in err
     assert "demo model" not in err
+
+
+def _make_demo_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_model.py"
+    spec = importlib.util.spec_from_file_location("make_demo_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_make_demo_model_picks_the_stop_detector_that_measured_better(tmp_path):
+    from omnitalk.train.world import build_tokenizer
+    mk = _make_demo_script()
+    plain, commands = tmp_path / "plain.json", tmp_path / "cmd.json"
+    build_tokenizer(["the", "red", "circle"], plain)
+    build_tokenizer(["the", "red", "circle", "stop", "omni"], commands)
+    weak = {"interrupt_f1": 0.59, "false_interruption_rate": 0.25}
+    # the ASR cannot write the command: the listening item, however weak
+    assert mk.choose_stop_detector({"summary": weak}, plain) == "listening"
+    # it can, and only the listening item was measured (and is weak): the ASR
+    assert mk.choose_stop_detector({"summary": weak}, commands) == "asr"
+    # both measured: the higher F1, then the fewer false interruptions
+    both = {**weak, "asr_stop_f1": 0.21, "asr_stop_false_rate": 0.675}
+    assert mk.choose_stop_detector({"summary": both}, commands) == "listening"
+    both.update(asr_stop_f1=0.97, asr_stop_false_rate=0.01)
+    assert mk.choose_stop_detector({"summary": both}, commands) == "asr"
+    both.update(asr_stop_f1=0.59, asr_stop_false_rate=0.30)
+    assert mk.choose_stop_detector({"summary": both}, commands) == "listening"
