@@ -104,10 +104,10 @@ def choose_stop_detector(report: dict, tokenizer_json: Path, command: str = "sto
     if m.get("asr_stop_f1") is not None and f1 is not None:
         asr_key = (m["asr_stop_f1"], -m["asr_stop_false_rate"])
         return "asr" if asr_key > (f1, -(false or 0.0)) else "listening"
+    from omnitalk.tokenizer import TextTokenizer
+
     trusted = f1 is not None and false is not None and f1 >= 0.9 and false <= 0.05
-    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
-    asr_can = all(w in vocab for w in command.split())
-    return "listening" if trusted or not asr_can else "asr"
+    return "listening" if trusted or not TextTokenizer(tokenizer_json).can_write(command) else "asr"
 
 
 def n_weights(module) -> int:

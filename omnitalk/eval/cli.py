@@ -129,15 +129,15 @@ def asr_stop_statuses(model, audio_16k: np.ndarray, n_frames: int, phrases: Sequ
                       step_ms: int = 80, timings: list | None = None) -> list[int]:
     """The stop detector of `omnitalk serve --stop-detector asr`, replayed over one clip: the server's
     CommandDetector is fed the audio `step_ms` at a time on the audio's own clock; whenever it is ready
-    it transcribes its window with the model's ASR (the server's token budget, server.app.command_asr)
+    it transcribes its window with the model's ASR (the server's token budget, vad.command_tokens)
     and matches the stop phrases. A look takes its real compute time: its result arrives that much
     later, and the next look starts after it (one look at a time; the server overlaps two, so this is
     the slower case). Returns one 0/1 per SNAC frame: 1 from the frame in which a match arrived.
     `timings` (a list) collects each look's seconds."""
-    from omnitalk.server.vad import DEFAULT_STOP_PHRASES, CommandDetector
+    from omnitalk.server.vad import DEFAULT_STOP_PHRASES, CommandDetector, command_tokens
 
     def transcribe(x: np.ndarray) -> str:
-        return model.generate(audio=x, sr=16000, task="asr", reply="text", max_tokens=4 + int(4 * len(x) / 16000)).text
+        return model.generate(audio=x, sr=16000, task="asr", reply="text", max_tokens=command_tokens(len(x))).text
 
     det = CommandDetector(transcribe, DEFAULT_STOP_PHRASES if phrases is None else phrases)
     step = int(step_ms * 16)
@@ -183,9 +183,10 @@ def evaluate_interrupt(model, records: Sequence[dict], predictor: Callable | Non
     m = InterruptionMetrics()
     items, looks = [], []
     t0 = time.perf_counter()
+    if detector == "asr":
+        from omnitalk.audio import load_audio
     for r in _progress(records, "interrupt", len(records), progress):
         if detector == "asr":
-            from omnitalk.audio import load_audio
             statuses = asr_stop_statuses(model, load_audio(r["listen_audio"]), len(r["labels"]),
                                          timings=looks)
         elif predictions is not None:

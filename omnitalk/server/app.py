@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from omnitalk.engine import OmniModel
-from omnitalk.server.vad import DEFAULT_STOP_PHRASES, SileroModel, VADUnavailable, load_silero
+from omnitalk.server.vad import DEFAULT_STOP_PHRASES, SileroModel, VADUnavailable, command_tokens, load_silero
 
 log = logging.getLogger("omnitalk.server")
 
@@ -177,10 +177,9 @@ def asr(scheduler, max_tokens: int) -> Callable[[np.ndarray], str]:
 
 def command_asr(scheduler) -> Callable[[np.ndarray], str]:
     """What the stop-command detector runs on each window: the model's ASR with a token budget that
-    fits the window (4 + 4 a second: a 1-s window gets 8 tokens, 2.5 s get 14 - a few words a second;
-    each token is a decoding step, ~10 ms with the small model, so short budgets keep the look quick)."""
+    fits the window (vad.command_tokens)."""
     def run(x: np.ndarray) -> str:
-        return asr(scheduler, 4 + int(4 * len(x) / 16000))(x)
+        return asr(scheduler, command_tokens(len(x)))(x)
     return run
 
 

@@ -50,6 +50,13 @@ WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE
 DEFAULT_STOP_PHRASES = ("stop omni", "omni stop")
 
 
+def command_tokens(n_samples: int) -> int:
+    """The token budget of one stop-command look at `n_samples` of 16 kHz audio: 4 + 4 a second (a 1-s
+    window gets 8 tokens, 2.5 s get 14 - a few words a second; each token is a decoding step, ~10 ms with
+    the small model, so short budgets keep the look quick)."""
+    return 4 + int(4 * n_samples / SAMPLE_RATE)
+
+
 class VADUnavailable(RuntimeError):
     """silero-vad (or a runtime for its model) is not installed."""
 
