@@ -44,13 +44,15 @@ def make_question(path: Path, seed: int = SEED) -> dict:
     return {"text": QUESTION_TEXT, "voice": voice.to_dict(), "seconds": round(len(x) / 16000, 2)}
 
 
-def make_scene(path: Path, size: int = 224, seed: int = SEED) -> dict:
+def make_scene(path: Path, size: int = 224, seed: int = SEED, layout: str = "free") -> dict:
+    """The bundled picture, drawn like the run's world draws its pictures (`layout`: its image_layout)."""
     from omnitalk.train.world import Scene, draw_scene, place
 
     rng = random.Random(seed)
-    scene = place(Scene(), list(SCENE_ITEMS), size, rng)
+    scene = place(Scene(), list(SCENE_ITEMS), size, rng, layout)
     draw_scene(scene, size, rng).save(path, optimize=True)
-    return {"items": [list(i[:2]) for i in scene.items], "size": size, "answer": dict(SCENE_ITEMS)["circle"]}
+    return {"items": [list(i[:2]) for i in scene.items], "size": size, "layout": layout,
+            "answer": dict(SCENE_ITEMS)["circle"]}
 
 
 def copy_codec(src: Path, dst: Path) -> None:
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     cfg_path = tmp / "model_config.yaml"
     cfg_path.write_text(cfg_path.read_text() + f"stop_detector: {detector}\n")
     question = make_question(tmp / "question.wav")
-    scene = make_scene(tmp / "scene.png")
+    scene = make_scene(tmp / "scene.png", layout=report.get("world", {}).get("image_layout", "free"))
 
     model = OmniModel.from_pretrained(tmp, download=False, mode=args.mode)
     reply = model.generate(audio=str(tmp / "question.wav"), image=str(tmp / "scene.png"), max_tokens=64,

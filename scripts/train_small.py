@@ -247,9 +247,10 @@ def run_stage0(rc: dict, assets: Path, world: Path, seed: int) -> dict:
         w0, c0 = time.perf_counter(), cpu_seconds()
         v = s0["vision"]
         vit = load_clip_vision(assets / "ViT-B-32.pt")
+        layout = json.loads((world / "world.json").read_text()).get("image_layout", "free")  # the world's pictures
         rv = pretrain_vision_encoder(vit, steps=v["steps"], batch_size=v.get("batch_size", 32),
                                      n_images=v.get("n_images", 2000), lr=v.get("lr", 1e-3), seed=seed,
-                                     max_minutes=v.get("max_minutes"), progress=progress)
+                                     max_minutes=v.get("max_minutes"), progress=progress, layout=layout)
         save_replacing(assets / "ViT-B-32.pt", {k: v.clone() for k, v in vit.state_dict().items()})
         res["vision"] = {"steps": rv.steps, "of": v["steps"], "seconds": round(rv.seconds, 1), "held_out": rv.metrics,
                          "loss": rv.losses, "wall_s": round(time.perf_counter() - w0, 1),
@@ -283,7 +284,8 @@ def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
                answer_synth=answer_synth,
                n_interrupt_train=w["n_interrupt_train"], n_interrupt_eval=w["n_interrupt_eval"],
                mix=w.get("mix"), speak_written=w.get("speak_written", False),
-               answer_prefix=w.get("answer_prefix") or "", progress=rc.get("progress", True))
+               answer_prefix=w.get("answer_prefix") or "", image_layout=w.get("image_layout", "free"),
+               progress=rc.get("progress", True))
     return out
 
 

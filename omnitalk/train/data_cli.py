@@ -100,6 +100,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="also ask every written training question aloud (an a2t record '<id>-sp')")
     q.add_argument("--answer-prefix", default="", metavar="WORDS",
                    help="answer every question with a phrase, e.g. 'the answer is' -> 'the answer is seven'")
+    q.add_argument("--image-layout", choices=("free", "grid"), default="free",
+                   help="free: shapes anywhere; grid: one shape per cell of the ViT/32 patch grid (the small recipe)")
     q.add_argument("--snac", default=None, metavar="DIR", help="fill answer_snac now with this SNAC codec")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(run=run_world)
@@ -207,7 +209,8 @@ def run_world(args) -> int:
     info = make_world(args.out, args.n, args.n_eval, synth, args.seed, answer_synth=answer,
                       held_out_fraction=args.held_out_fraction, image_size=args.image_size, codec=_load_codec(args),
                       n_interrupt_train=args.interrupt, n_interrupt_eval=args.interrupt_eval,
-                      speak_written=args.speak_written, answer_prefix=args.answer_prefix, progress=not args.quiet)
+                      speak_written=args.speak_written, answer_prefix=args.answer_prefix,
+                      image_layout=args.image_layout, progress=not args.quiet)
     print(json.dumps(info.to_dict(), indent=2))
     return 0
 

@@ -245,12 +245,13 @@ def ctc_word_error(encoder, head: CTCHead, items: Sequence[tuple[str, str]], enc
 MAX_COUNT = 9  # counts 0..8 per shape
 
 
-def random_scene(rng: random.Random, size: int, patch: int = 32):
+def random_scene(rng: random.Random, size: int, patch: int = 32, layout: str = "free"):
     """A scene like the world's questions draw: either one shape repeated 1..6 times among 0..3 others,
     or 1..3 different shapes in different colours. Returns (PIL image, labels) where labels holds
     `counts` (4,) and `pairs` (4, 6) for the whole image, and per patch of the ViT grid (raster order)
     `cover_shape` / `cover_color` (0 = background, else 1 + index of the item covering most of the
-    patch, if it covers at least 10 %) and `centre` (0, or 1 + shape index of an item centred there)."""
+    patch, if it covers at least 10 %) and `centre` (0, or 1 + shape index of an item centred there).
+    `layout`: the world's image layout (`world.place`; `grid` puts each shape in its own patch)."""
     from PIL import Image
 
     from omnitalk.train.world import COLORS, SHAPES, Scene, draw_scene, place
@@ -264,7 +265,7 @@ def random_scene(rng: random.Random, size: int, patch: int = 32):
         k = rng.randint(1, 3)
         shapes = list(zip(rng.sample(SHAPES, k), rng.sample(colors, k)))
     rng.shuffle(shapes)
-    scene = place(Scene(), shapes, size, rng)
+    scene = place(Scene(), shapes, size, rng, layout, cells=size // patch)
     lab = Image.new("L", (size, size), 0)
     img = draw_scene(scene, size, rng, label_map=lab)
     counts = np.zeros(len(SHAPES), np.int64)
@@ -318,9 +319,10 @@ class SceneHead(nn.Module):
                 + ce(out["centre"], y["centre"]))
 
 
-def make_scenes(n: int, seed: int | random.Random, size: int = 224, patch: int = 32, progress: bool = False):
+def make_scenes(n: int, seed: int | random.Random, size: int = 224, patch: int = 32, progress: bool = False,
+                layout: str = "free"):
     """n drawn scenes -> (preprocessed images (n, 3, size, size), {label name: stacked labels}).
-    `seed`: an int, or a random.Random to draw from (and advance)."""
+    `seed`: an int, or a random.Random to draw from (and advance); `layout` as `random_scene`'s."""
     from tqdm.auto import tqdm
 
     from omnitalk import vision
@@ -328,7 +330,7 @@ def make_scenes(n: int, seed: int | random.Random, size: int = 224, patch: int =
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     imgs, labels = [], []
     for _ in tqdm(range(n), desc="scenes", disable=not progress):
-        img, lab = random_scene(rng, size, patch)
+        img, lab = random_scene(rng, size, patch, layout)
         imgs.append(vision.preprocess_image(img, size=size))
         labels.append(lab)
     return torch.stack(imgs), {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in labels[0]}
@@ -337,21 +339,22 @@ def make_scenes(n: int, seed: int | random.Random, size: int = 224, patch: int =
 def pretrain_vision_encoder(vit, *, steps: int = 400, batch_size: int = 32, n_images: int | None = 2000,
                             n_held_out: int = 200, lr: float = 1e-3, min_lr: float = 5e-5, warmup: int = 30,
                             seed: int = 0, max_minutes: float | None = None, log_every: int = 25,
-                            progress: bool = True) -> Stage0Result:
+                            progress: bool = True, layout: str = "free") -> Stage0Result:
     """Train `vit` (an omnitalk VisionTransformer) in place on drawn scenes: `n_images` drawn once and
     sampled from, or with `n_images` None / 0 new scenes for every batch (nothing to memorise; drawing
-    costs a few ms a scene). The held-out scenes are drawn from another seed either way."""
+    costs a few ms a scene). The held-out scenes are drawn from another seed either way. `layout`: the
+    world's image layout (`world.place`), so the tower learns the pictures it will be asked about."""
     torch.manual_seed(seed)
     size, patch = vit.dims.image_resolution, vit.dims.patch_size
     fresh = not n_images
-    X, Y = (None, None) if fresh else make_scenes(n_images, seed, size, patch, progress)
-    Xh, Yh = make_scenes(n_held_out, seed + 10_000, size, patch)
+    X, Y = (None, None) if fresh else make_scenes(n_images, seed, size, patch, progress, layout)
+    Xh, Yh = make_scenes(n_held_out, seed + 10_000, size, patch, layout=layout)
     head = SceneHead(vit.dims.output_dim)
     g, scene_rng = torch.Generator().manual_seed(seed), random.Random(seed)
 
     def batch_loss() -> torch.Tensor:
         if fresh:
-            x, y = make_scenes(batch_size, scene_rng, size, patch)
+            x, y = make_scenes(batch_size, scene_rng, size, patch, layout=layout)
             return SceneHead.loss(head(vit(x)), y)
         idx = torch.randint(0, len(X), (batch_size,), generator=g)
         return SceneHead.loss(head(vit(X[idx])), {k: v[idx] for k, v in Y.items()})
@@ -365,5 +368,7 @@ def pretrain_vision_encoder(vit, *, steps: int = 400, batch_size: int = 32, n_im
                "scene_count_exact": float((out["counts"].argmax(-1) == Yh["counts"]).all(-1).float().mean()),
                "pair_accuracy": float(((out["pairs"] > 0).float() == Yh["pairs"]).float().mean()),
                "patch_shape_accuracy": acc("cover_shape"), "patch_color_accuracy": acc("cover_color"),
-               "centre_accuracy": acc("centre"), "n": int(len(Xh))}
+               "centre_accuracy": acc("centre"), "n": int(len(Xh)), "layout": layout}
+    fg = Yh["cover_shape"] > 0  # the patches that show a shape: the trivial "background" answer scores 0 here
+    metrics["shape_patch_accuracy"] = float((out["cover_shape"].argmax(-1) == Yh["cover_shape"])[fg].float().mean())
     return Stage0Result(done, seconds, losses, metrics)

@@ -269,9 +269,30 @@ def draw_scene(scene: Scene, size: int, rng: random.Random, label_map=None):
     return img
 
 
-def place(scene: Scene, shapes: Sequence[tuple[str, str]], size: int, rng: random.Random) -> Scene:
-    """Put shapes at random non-overlapping places (radius 12..28 px at 224) on the scene."""
+IMAGE_LAYOUTS = ("free", "grid")
+GRID_CELLS = 7  # ViT-B/32 cuts a 224-px image into 7 x 7 patches of 32 px
+
+
+def place(scene: Scene, shapes: Sequence[tuple[str, str]], size: int, rng: random.Random, layout: str = "free",
+          cells: int = GRID_CELLS) -> Scene:
+    """Put shapes on the scene without overlap. `free`: anywhere, radius 12..28 px at 224 (a shape spans
+    up to four patches of ViT-B/32). `grid`: each shape inside its own cell of a `cells` x `cells` grid
+    (the vision tower's patch grid), radius 9..14 px at 224, jittered within its cell, so that every
+    patch shows at most one whole shape (docs/training.md: a narrow tower learns this scene in minutes,
+    the free one hardly)."""
     scale = size / 224
+    if layout == "grid":
+        if len(shapes) > cells * cells:
+            raise ValueError(f"{len(shapes)} shapes do not fit a {cells} x {cells} grid")
+        cell = size / cells
+        for (shape, color), k in zip(shapes, rng.sample(range(cells * cells), len(shapes))):
+            r = rng.uniform(9, 14) * scale
+            j = max(0.0, cell / 2 - r - 1)
+            cx, cy = (k % cells + 0.5) * cell + rng.uniform(-j, j), (k // cells + 0.5) * cell + rng.uniform(-j, j)
+            scene.items.append((shape, color, cx, cy, r))
+        return scene
+    if layout != "free":
+        raise ValueError(f"image layout must be one of {IMAGE_LAYOUTS}, got {layout!r}")
     for shape, color in shapes:
         for _ in range(500):
             r = rng.uniform(12, 28) * scale
@@ -284,8 +305,8 @@ def place(scene: Scene, shapes: Sequence[tuple[str, str]], size: int, rng: rando
     return scene
 
 
-def image_question(family: str, key: str, question: str, size: int, rng: random.Random):
-    """Draw an image for an image question -> (image, answer)."""
+def image_question(family: str, key: str, question: str, size: int, rng: random.Random, layout: str = "free"):
+    """Draw an image for an image question -> (image, answer); `layout` as `place`'s."""
     others = lambda s: [x for x in SHAPES if x != s]
     if family == "count":
         n = rng.randint(1, 6)
@@ -307,7 +328,7 @@ def image_question(family: str, key: str, question: str, size: int, rng: random.
     else:
         raise ValueError(family)
     rng.shuffle(shapes)
-    scene = place(Scene(), shapes, size, rng)
+    scene = place(Scene(), shapes, size, rng, layout)
     return draw_scene(scene, size, rng), answer
 
 
@@ -402,7 +423,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                voices: VoiceSpace | None = None, held_out_fraction: float = 0.15, mix: dict | None = None,
                image_size: int = 224, codec=None, n_interrupt_train: int = 0, n_interrupt_eval: int = 0,
                interrupt_config=None, speak_written: bool = False, answer_prefix: str = "",
-               progress: bool = True) -> WorldInfo:
+               image_layout: str = "free", progress: bool = True) -> WorldInfo:
     """Generate the world (see the module docstring). `synth` speaks the questions (default: espeak-ng),
     `answer_synth` + `answer_voice` the answers (default: the same synth, its MODEL_VOICE). With a `codec`
     the answers' SNAC frames (and interrupt clips' frames) are filled in; otherwise run
@@ -410,6 +431,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     (t2t) is also asked aloud by a training voice: an a2t record '<id>-sp' after the others (written
     questions teach the facts, their spoken copies teach hearing them; docs/training.md). With
     `answer_prefix` every answer to a question is that phrase + the answer ("the answer is seven").
+    `image_layout`: where the pictures' shapes go (`place`: free, or one per cell of the ViT/32 grid).
     Slow part: ~20-100 ms of synthesis per record."""
     import soundfile as sf
     from tqdm.auto import tqdm
@@ -432,6 +454,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     for sub in ("audio/q", "audio/a", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
+    if image_layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
     if answer_prefix and not re.fullmatch(r"[a-z ]+", answer_prefix.strip()):
         raise ValueError(f"answer_prefix must be lowercase words (the world's tokenizer is word-level), "
                          f"got {answer_prefix!r}")
@@ -478,7 +502,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                 image = None
             elif kind in ("ia2a", "ia2t", "it2t"):
                 family, key, question = rec_rng.choice(pools.image)
-                image, answer = image_question(family, key, question, image_size, rec_rng)
+                image, answer = image_question(family, key, question, image_size, rec_rng, image_layout)
                 meta["family"] = family
             elif kind == "tts":
                 question = answer = rec_rng.choice(pools.tts)
@@ -536,7 +560,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
         "synth": type(synth).__name__, "answer_synth": type(answer_synth).__name__,
         "answer_voice": answer_voice.to_dict(),
         "voices": {"train": train_voices.to_dict(), "held_out": eval_voices.to_dict()},
-        "image_size": image_size, "question_sample_rate": QUESTION_SR, "answer_sample_rate": ANSWER_SR,
+        "image_size": image_size, "image_layout": image_layout, "question_sample_rate": QUESTION_SR, "answer_sample_rate": ANSWER_SR,
         "snac_filled": codec is not None,
         "files": {k: (str(Path(v).relative_to(out.resolve())) if v else None) for k, v in
                   (("train", info.train_manifest.resolve()), ("eval", info.eval_manifest.resolve()),

@@ -133,6 +133,18 @@ def test_random_scene_labels_match_the_drawing():
             assert pairs[lab["cover_shape"][k] - 1, lab["cover_color"][k] - 1] == 1, colours
 
 
+def test_grid_scenes_put_one_whole_shape_in_a_patch():
+    """layout grid: each item covers exactly the patch it is centred in (and no other patch over 10 %)."""
+    rng = random.Random(5)
+    for _ in range(30):
+        img, lab = stage0.random_scene(rng, 224, 32, layout="grid")
+        centred = lab["centre"] > 0
+        assert (lab["cover_shape"] > 0).sum() == centred.sum() == lab["counts"].sum()
+        assert ((lab["cover_shape"] > 0) == centred).all() and (lab["cover_shape"] == lab["centre"]).all()
+    x, y = stage0.make_scenes(3, 0, 224, 32, layout="grid")
+    assert x.shape == (3, 3, 224, 224) and (y["cover_shape"] == y["centre"]).all()
+
+
 def test_label_map_is_drawn_with_the_same_geometry():
     """draw_scene's label map marks exactly the pixels each item paints (value = item index + 1)."""
     from PIL import Image
@@ -158,7 +170,8 @@ def test_vision_pretraining_runs_and_freezes():
     assert res.steps == 12 and len(res.losses) == 4
     assert res.losses[-1][1] < res.losses[0][1]
     assert set(res.metrics) == {"count_accuracy", "scene_count_exact", "pair_accuracy", "patch_shape_accuracy",
-                                "patch_color_accuracy", "centre_accuracy", "n"}
+                                "patch_color_accuracy", "centre_accuracy", "shape_patch_accuracy", "n", "layout"}
+    assert res.metrics["layout"] == "free" and 0 <= res.metrics["shape_patch_accuracy"] <= 1
     assert 0 <= res.metrics["count_accuracy"] <= 1 and res.metrics["n"] == 16
     assert not torch.equal(before, vit.conv1.weight)
     assert not vit.training and not any(p.requires_grad for p in vit.parameters())

@@ -85,6 +85,25 @@ def test_images_show_what_the_answer_says():
     assert ((px[:, 0] > 150) & (px[:, 1] < 90)).sum() > 100  # red pixels drawn
 
 
+def test_grid_layout_keeps_each_shape_inside_its_own_cell():
+    rng = random.Random(1)
+    for _ in range(20):
+        shapes = [("star", "red")] * rng.randint(1, 9)
+        scene = W.place(W.Scene(), shapes, 224, rng, "grid")
+        cells = set()
+        for _, _, cx, cy, r in scene.items:
+            col, row = int(cx // 32), int(cy // 32)
+            assert col * 32 < cx - r and cx + r < (col + 1) * 32 and row * 32 < cy - r and cy + r < (row + 1) * 32
+            cells.add((row, col))
+        assert len(cells) == len(shapes) and all(9 <= r <= 14 for *_, r in scene.items)
+    img, answer = W.image_question("count", "circle", "q", 224, random.Random(0), "grid")
+    assert img.size == (224, 224) and answer in W.NUMBERS[1:7]
+    with pytest.raises(ValueError, match="image layout must be one of"):
+        W.place(W.Scene(), [("star", "red")], 224, rng, "tiles")
+    with pytest.raises(ValueError, match="do not fit a 2 x 2 grid"):
+        W.place(W.Scene(), [("star", "red")] * 5, 224, rng, "grid", cells=2)
+
+
 def test_trim_silence():
     sr = 16000
     x = np.concatenate([np.zeros(sr), 0.5 * np.sin(np.arange(sr // 2) / 5.0), np.zeros(sr)]).astype(np.float32)
@@ -215,12 +234,35 @@ def test_answer_prefix_makes_answers_phrases(tmp_path):
             assert a["answer_audio"] != b["answer_audio"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
             assert sf.info(a["answer_audio"]).duration > sf.info(b["answer_audio"]).duration
     assert json.loads((tmp_path / "b" / "world.json").read_text())["answer_prefix"] == "the answer is"
+    assert json.loads((tmp_path / "b" / "world.json").read_text())["image_layout"] == "free"
     from omnitalk.tokenizer import TextTokenizer
     tok = TextTokenizer(info.tokenizer)
     assert info.vocab_size == plain.vocab_size + 1  # "answer" ("the", "is" are words of the world already)
     assert tok.decode(tok.encode("the answer is seven")) == "the answer is seven"
     with pytest.raises(ValueError, match="answer_prefix must be lowercase words"):
         W.make_world(tmp_path / "c", n_train=2, n_eval=1, answer_prefix="The answer:", progress=False)
+
+
+@needs_espeak
+def test_grid_world_draws_the_same_questions_on_the_patch_grid(tmp_path):
+    """image_layout grid: the same question texts and answers; every picture's shapes sit one per cell of
+    the 7 x 7 grid (a non-background run of pixels never crosses a cell border); recorded in world.json."""
+    from PIL import Image
+
+    plain = W.make_world(tmp_path / "a", n_train=24, n_eval=0, seed=3, mix={"it2t": 1}, progress=False)
+    info = W.make_world(tmp_path / "b", n_train=24, n_eval=0, seed=3, mix={"it2t": 1}, image_layout="grid",
+                        progress=False)
+    before, after = read_manifest(plain.train_manifest), read_manifest(info.train_manifest)
+    assert [(r["question_text"], r["answer_text"]) for r in before] == [(r["question_text"], r["answer_text"])
+                                                                        for r in after]
+    for r in after:
+        px = np.asarray(Image.open(r["question_image"]).convert("RGB")).astype(int)
+        ink = (px.max(-1) - px.min(-1)) > 60  # coloured shape pixels (the background is near grey-white)
+        assert ink.any()
+        assert not ink[:, 31::32].any() and not ink[31::32, :].any()  # nothing drawn on a cell's border
+    assert json.loads((tmp_path / "b" / "world.json").read_text())["image_layout"] == "grid"
+    with pytest.raises(ValueError, match="image_layout must be one of"):
+        W.make_world(tmp_path / "c", n_train=2, n_eval=1, image_layout="tiles", progress=False)
 
 
 @needs_espeak
