@@ -334,7 +334,7 @@ def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, ini
     return {
         "model": model_section(rc, world, init),
         "stage": stage,
-        "data": {"train": train, "eval": evals, "tasks": s.get("tasks"),
+        "data": {"train": train, "eval": evals, "tasks": s.get("tasks"), "follow_text": s.get("follow_text", 0.0),
                  "features": {"cache_dir": str(world / "features"), "encoders": str(assets)},
                  "max_len": rc["model"]["block_size"]},
         "optim": {"lr": s["lr"], "min_lr": s["min_lr"], "warmup_steps": s["warmup_steps"], "steps": s["steps"],

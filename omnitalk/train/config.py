@@ -63,6 +63,8 @@ class DataSection:
     text_answers_only: bool | None = None  # None: true in stages 1-2 (spoken answers become text-only)
     features: dict | None = None           # {factory: "module:callable", kwargs: {...}} -> FeatureSource
     max_len: int | None = None             # drop samples longer than this (default: block_size)
+    follow_text: float = 0.0               # + copies of this share of spoken qa answers saying another answer,
+                                           #   text loss off (sequences.follow_text_copies); speech stages only
 
 
 @dataclass
@@ -151,6 +153,8 @@ class TrainConfig:
             problems.append(f"batch.max_batch must be >= 1 (or null for no cap), got {self.batch.max_batch}")
         if self.batch.batch_size < 1 or self.batch.grad_accum < 1:
             problems.append("batch.batch_size and batch.grad_accum must be >= 1")
+        if not 0.0 <= float(self.data.follow_text) <= 1.0:
+            problems.append(f"data.follow_text is a share in [0, 1], got {self.data.follow_text!r}")
         if self.optim.steps < 1:
             problems.append("optim.steps must be >= 1")
         if set(self.loss) - {"text", "audio", "text_norm"}:

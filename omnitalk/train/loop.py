@@ -39,7 +39,8 @@ from omnitalk.train import dist as D
 from omnitalk.train.config import TrainConfig
 from omnitalk.train.losses import TrainModule, combine_sums, count_targets
 from omnitalk.train.metrics import MetricsWriter
-from omnitalk.train.sequences import Batch, RecordError, TrainSample, build_sample, collate, length_buckets, text_only
+from omnitalk.train.sequences import (Batch, RecordError, TrainSample, build_sample, collate, follow_text_copies,
+                                      length_buckets, text_only)
 
 log = logging.getLogger("omnitalk.train")
 
@@ -285,7 +286,7 @@ def read_records(path: str | Path) -> list[dict]:
 
 def load_sources(entries: Iterable, cfg: TrainConfig) -> tuple[list[dict], list[float]]:
     """Manifest entries ({path, weight} or paths) -> (records, sampling weights) after the task mixture
-    and the stage's text-answer policy."""
+    and the stage's text-answer policy, plus `data.follow_text` copies (each at its original's weight)."""
     records, weights = [], []
     for e in entries:
         e = {"path": e} if isinstance(e, str) else dict(e)
@@ -298,6 +299,11 @@ def load_sources(entries: Iterable, cfg: TrainConfig) -> tuple[list[dict], list[
                 continue
             records.append(r)
             weights.append(w)
+    if cfg.data.follow_text and not cfg.text_answers_only:
+        weight_of = {r.get("id"): w for r, w in zip(records, weights)}
+        copies = follow_text_copies(records, float(cfg.data.follow_text), cfg.seed)
+        records += copies
+        weights += [weight_of[c["id"][:-len("-ft")]] for c in copies]
     return records, weights
 
 

@@ -33,6 +33,10 @@ Masks per task:
     tts        text prompt asking for speech (T1A2); audio loss only. The text row of the answer region
                still carries the words being spoken (answer_text, or the question text), as input only:
                the audio follows the text one step behind, as in delayed-parallel decoding.
+    `text_loss: false` on a spoken qa / text record: audio loss only — the text row is input. With
+               `follow_text_copies` (train config `data.follow_text`) the answer region says another
+               answer than the question asks for, in words and speech: the speech must follow the words
+               fed on the text row, not the question (as pair decoding feeds it the text branch's words).
 
 Interruption ("Stop Omni", reference §12) — omnitalk's concrete layout, since the release has none:
 
@@ -63,6 +67,7 @@ Interruption ("Stop Omni", reference §12) — omnitalk's concrete layout, since
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -276,6 +281,11 @@ def build_sample(record: dict, layout: TokenLayout, tokenizer, audio_feats=None,
         else:
             raise _err(record, "has no question (text, audio or image)")
         text_loss, audio_loss = True, speak
+        if record.get("text_loss") is False:
+            if not speak:
+                raise _err(record, "text_loss: false leaves nothing to learn without a spoken answer "
+                                   "(set speak: true with answer_snac, or drop text_loss)")
+            text_loss = False
 
     steps = answer_steps(layout, a_ids, frames)
     ids, targets = assemble(layout, prompt.ids, steps, text_loss, audio_loss)
@@ -285,6 +295,32 @@ def build_sample(record: dict, layout: TokenLayout, tokenizer, audio_feats=None,
     if prompt.audio_pos is not None:
         slots.append(Slot(prompt.audio_pos, _as_tensor(audio_feats), "audio"))
     return TrainSample(ids, targets, slots, task, str(record.get("id", "")))
+
+
+def follow_text_copies(records: Sequence[dict], share: float, seed: int = 0) -> list[dict]:
+    """Copies of a `share` of the spoken question answers (task qa, speak, answer_snac; chosen by a
+    seeded draw per id) that say *another* answer of the set, words and speech together, with
+    `text_loss: false` and id '<id>-ft': the speech learns to follow the text row (see the module
+    docstring) and the text head is not taught a wrong answer."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"follow_text share must be in [0, 1], got {share!r}")
+    spoken = [r for r in records if r.get("task") == "qa" and r.get("speak") and r.get("answer_snac") is not None
+              and r.get("text_loss", True) is not False]
+    said: dict = {}
+    for r in spoken:
+        said.setdefault(r["answer_text"], r)
+    texts = sorted(said)
+    if share == 0.0 or len(texts) < 2:
+        return []
+    out = []
+    for r in spoken:
+        rng = random.Random(f"follow-text:{seed}:{r.get('id')}")
+        if rng.random() >= share:
+            continue
+        src = said[rng.choice([t for t in texts if t != r["answer_text"]])]
+        out.append({**r, "id": f"{r.get('id')}-ft", "answer_text": src["answer_text"],
+                    "answer_snac": src["answer_snac"], "answer_audio": src.get("answer_audio"), "text_loss": False})
+    return out
 
 
 def text_only(record: dict) -> dict | None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from omnitalk.train.config import STAGE_LR, TrainConfig, TrainConfigError
-from omnitalk.train.loop import BatchPlan, build_model, lr_at, model_config, run
+from omnitalk.train.loop import BatchPlan, build_model, load_sources, lr_at, model_config, run
 from omnitalk.train.metrics import read_jsonl
 from test_train_sequences import synthetic, train_config
 
@@ -154,6 +154,21 @@ def test_config_errors_name_the_key():
         TrainConfig.from_dict(dict(stage=4))
     with pytest.raises(TrainConfigError, match=r"model.dropout must be in \[0, 1\), got 1.5"):
         TrainConfig.from_dict(dict(model=dict(dropout=1.5)))
+
+
+def test_follow_text_copies_join_the_speech_stage_only(tmp_path):
+    recs = [dict(id=f"r{i}", task="qa", question_text="q", answer_text=f"a{i % 2}", speak=True,
+                 answer_snac=[[1] * 7]) for i in range(40)]
+    entries = [{"records": recs, "weight": 2.0}]
+    cfg3 = train_config(tmp_path, data={"follow_text": 0.5})
+    out, weights = load_sources(entries, cfg3)
+    copies = [r for r in out if r["id"].endswith("-ft")]
+    assert out[:40] == recs and 10 <= len(copies) == len(out) - 40 <= 30 and weights == [2.0] * len(out)
+    assert all(r["text_loss"] is False for r in copies)
+    out2, _ = load_sources(entries, train_config(tmp_path, stage=2, data={"follow_text": 0.5}))
+    assert len(out2) == 40 and not any(r["speak"] for r in out2)  # stage 2: text answers, no copies
+    with pytest.raises(TrainConfigError, match="data.follow_text is a share in"):
+        train_config(tmp_path, data={"follow_text": 2})
 
 
 def test_dropout_reaches_the_trained_model(tmp_path):

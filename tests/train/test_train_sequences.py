@@ -14,8 +14,8 @@ import torch
 from omnitalk.config import Config
 from omnitalk.tokenizer import TextTokenizer
 from omnitalk.tokens import TokenLayout
-from omnitalk.train.sequences import (IGNORE, RecordError, build_sample, collate, frame_statuses, length_buckets,
-                                      listen_column, listen_ids, status_targets)
+from omnitalk.train.sequences import (IGNORE, RecordError, build_sample, collate, follow_text_copies,
+                                      frame_statuses, length_buckets, listen_column, listen_ids, status_targets)
 
 # ---- shared helpers --------------------------------------------------------------------------------
 MODEL_OVERRIDES = dict(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, head_size=8, intermediate_size=64,
@@ -152,6 +152,37 @@ def test_tts_audio_loss_only_text_row_carries_the_words():
     assert s.ids[7, P:].tolist()[:3] == [*TOK.encode("ab"), L.eot]  # the words, as input only
     assert s.targets[0, P - 1:].tolist()[:3] == [L.pad_a, FR[0, 0], L.eoa]
     assert s.targets[6, -1] == L.eoa
+
+
+def test_text_loss_false_keeps_the_words_as_input_and_trains_the_speech_only():
+    rec = dict(id="x", task="qa", question_text="ab", answer_text="c", speak=True, answer_snac=FR.tolist())
+    full, follow = build_sample(rec, L, TOK), build_sample({**rec, "text_loss": False}, L, TOK)
+    assert torch.equal(full.ids, follow.ids)                        # the same inputs, text row included
+    assert torch.equal(full.targets[:7], follow.targets[:7])        # the same speech targets
+    assert (follow.targets[7] == IGNORE).all() and (full.targets[7] != IGNORE).any()
+    with pytest.raises(RecordError, match="text_loss: false leaves nothing to learn"):
+        build_sample({**rec, "speak": False, "text_loss": False}, L, TOK)
+
+
+def test_follow_text_copies_say_another_answer_in_words_and_speech():
+    recs = [dict(id=f"r{i}", task="qa", question_text=f"q{i}", answer_text=f"a{i % 3}", speak=True,
+                 answer_snac=[[i % 3] * 7], answer_audio=f"a{i % 3}.wav") for i in range(200)]
+    recs += [dict(id="t", task="qa", question_text="q", answer_text="a0", speak=False),   # not spoken: never copied
+             dict(id="s", task="asr", question_audio="q.wav", answer_text="a1")]
+    copies = follow_text_copies(recs, 0.3, seed=1)
+    assert 40 <= len(copies) <= 80 and copies == follow_text_copies(recs, 0.3, seed=1)  # a seeded share
+    assert copies != follow_text_copies(recs, 0.3, seed=2)
+    by_id = {r["id"]: r for r in recs}
+    for c in copies:
+        orig = by_id[c["id"][:-3]]
+        assert c["id"].endswith("-ft") and c["question_text"] == orig["question_text"] and c["text_loss"] is False
+        assert c["answer_text"] != orig["answer_text"]                  # another answer ...
+        k = int(c["answer_text"][1])
+        assert c["answer_snac"] == [[k] * 7] and c["answer_audio"] == f"a{k}.wav"  # ... with its own speech
+    assert follow_text_copies(recs, 0.0) == [] and follow_text_copies(recs[:1], 1.0) == []  # one answer: none
+    assert len(follow_text_copies(recs, 1.0)) == 200
+    with pytest.raises(ValueError, match="follow_text share must be in"):
+        follow_text_copies(recs, 1.5)
 
 
 def test_image_and_speech_question_slots():
