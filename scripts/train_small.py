@@ -283,7 +283,7 @@ def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
     make_world(out, n_train=w["n_train"], n_eval=w["n_eval"], synth=EspeakSynth(), seed=seed, codec=codec,
                answer_synth=answer_synth,
                n_interrupt_train=w["n_interrupt_train"], n_interrupt_eval=w["n_interrupt_eval"],
-               mix=w.get("mix"), speak_written=w.get("speak_written", False),
+               mix=w.get("mix"), eval_mix=w.get("eval_mix"), speak_written=w.get("speak_written", False),
                answer_prefix=w.get("answer_prefix") or "", image_layout=w.get("image_layout", "free"),
                progress=rc.get("progress", True))
     return out

@@ -423,7 +423,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
                voices: VoiceSpace | None = None, held_out_fraction: float = 0.15, mix: dict | None = None,
                image_size: int = 224, codec=None, n_interrupt_train: int = 0, n_interrupt_eval: int = 0,
                interrupt_config=None, speak_written: bool = False, answer_prefix: str = "",
-               image_layout: str = "free", progress: bool = True) -> WorldInfo:
+               image_layout: str = "free", eval_mix: dict | None = None, progress: bool = True) -> WorldInfo:
     """Generate the world (see the module docstring). `synth` speaks the questions (default: espeak-ng),
     `answer_synth` + `answer_voice` the answers (default: the same synth, its MODEL_VOICE). With a `codec`
     the answers' SNAC frames (and interrupt clips' frames) are filled in; otherwise run
@@ -432,6 +432,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     questions teach the facts, their spoken copies teach hearing them; docs/training.md). With
     `answer_prefix` every answer to a question is that phrase + the answer ("the answer is seven").
     `image_layout`: where the pictures' shapes go (`place`: free, or one per cell of the ViT/32 grid).
+    `eval_mix`: the held-out split's mixture when it differs from the training one (default: `mix`).
     Slow part: ~20-100 ms of synthesis per record."""
     import soundfile as sf
     from tqdm.auto import tqdm
@@ -448,7 +449,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
         voices = VoiceSpace.piper() if isinstance(synth, PiperSynth) else VoiceSpace.espeak()
     train_voices, eval_voices = voices.split()
     mix = dict(mix or DEFAULT_MIX)
-    unknown = set(mix) - set(KINDS)
+    eval_mix = dict(eval_mix or mix)
+    unknown = (set(mix) | set(eval_mix)) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown record kinds {sorted(unknown)}; use {sorted(KINDS)}")
     for sub in ("audio/q", "audio/a", "images"):
@@ -459,7 +461,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     if answer_prefix and not re.fullmatch(r"[a-z ]+", answer_prefix.strip()):
         raise ValueError(f"answer_prefix must be lowercase words (the world's tokenizer is word-level), "
                          f"got {answer_prefix!r}")
-    words = world_words(answer_prefix, commands=bool(mix.get("cmd")), interrupt_config=interrupt_config)
+    words = world_words(answer_prefix, commands=bool(mix.get("cmd") or eval_mix.get("cmd")),
+                        interrupt_config=interrupt_config)
     commands, near_misses = command_sentences(interrupt_config)
     tok_path = out / "tokenizer.json"
     tok = build_tokenizer(words, tok_path)
@@ -480,7 +483,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     for split, n, space, held in (("train", n_train, train_voices, False), ("eval", n_eval, eval_voices, True)):
         rng = random.Random(f"{seed}:{split}")
         pools = _Pools(seed, held_out_fraction, held)
-        alloc = _allocate(n, mix)
+        alloc = _allocate(n, eval_mix if held else mix)
         kinds = [k for k in KINDS if k in alloc for _ in range(alloc[k])]
         rng.shuffle(kinds)
         counts[split] = alloc
@@ -555,7 +558,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     meta = {
         "seed": seed, "n_train": n_train, "n_eval": n_eval, "held_out_fraction": held_out_fraction,
         "speak_written": speak_written, "answer_prefix": " ".join(answer_prefix.split()),
-        "mix": mix, "counts": counts, "vocab_size": tok.get_vocab_size(),
+        "mix": mix, "eval_mix": eval_mix, "counts": counts, "vocab_size": tok.get_vocab_size(),
         "min_text_vocab_size": tok.get_vocab_size() + 64,
         "synth": type(synth).__name__, "answer_synth": type(answer_synth).__name__,
         "answer_voice": answer_voice.to_dict(),

@@ -265,6 +265,19 @@ def test_grid_world_draws_the_same_questions_on_the_patch_grid(tmp_path):
         W.make_world(tmp_path / "c", n_train=2, n_eval=1, image_layout="tiles", progress=False)
 
 
+def test_eval_mix_keeps_the_held_out_set_when_training_gets_more_of_a_kind(tmp_path):
+    """eval_mix: the held-out split keeps its own mixture, so adding training records of one kind leaves
+    the held-out questions as they were (same seeds, same allocation)."""
+    a = W.make_world(tmp_path / "a", 40, 20, seed=1, mix={"t2t": 1, "it2t": 1}, progress=False)
+    b = W.make_world(tmp_path / "b", 60, 20, seed=1, mix={"t2t": 1, "it2t": 2}, eval_mix={"t2t": 1, "it2t": 1},
+                     progress=False)
+    qa = lambda info: [(r["question_text"], r["answer_text"]) for r in read_manifest(info.eval_manifest)]
+    assert qa(a) == qa(b) and b.counts == {"train": {"t2t": 20, "it2t": 40}, "eval": {"t2t": 10, "it2t": 10}}
+    assert json.loads((tmp_path / "b" / "world.json").read_text())["eval_mix"] == {"t2t": 1, "it2t": 1}
+    with pytest.raises(ValueError, match="unknown record kinds"):
+        W.make_world(tmp_path / "c", 4, 2, mix={"t2t": 1}, eval_mix={"x2y": 1}, progress=False)
+
+
 @needs_espeak
 def test_cmd_records_teach_asr_the_stop_command(tmp_path):
     """kind cmd: ASR of "stop omni" and its near misses, in training and held-out voices; their words join
