@@ -300,10 +300,9 @@ def load_sources(entries: Iterable, cfg: TrainConfig) -> tuple[list[dict], list[
             records.append(r)
             weights.append(w)
     if cfg.data.follow_text and not cfg.text_answers_only:
-        weight_of = {r.get("id"): w for r, w in zip(records, weights)}
-        copies = follow_text_copies(records, float(cfg.data.follow_text), cfg.seed)
-        records += copies
-        weights += [weight_of[c["id"][:-len("-ft")]] for c in copies]
+        for i, copy in follow_text_copies(records, float(cfg.data.follow_text), cfg.seed):
+            records.append(copy)
+            weights.append(weights[i])
     return records, weights
 
 

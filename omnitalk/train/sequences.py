@@ -297,29 +297,31 @@ def build_sample(record: dict, layout: TokenLayout, tokenizer, audio_feats=None,
     return TrainSample(ids, targets, slots, task, str(record.get("id", "")))
 
 
-def follow_text_copies(records: Sequence[dict], share: float, seed: int = 0) -> list[dict]:
+def follow_text_copies(records: Sequence[dict], share: float, seed: int = 0) -> list[tuple[int, dict]]:
     """Copies of a `share` of the spoken question answers (task qa, speak, answer_snac; chosen by a
     seeded draw per id) that say *another* answer of the set, words and speech together, with
     `text_loss: false` and id '<id>-ft': the speech learns to follow the text row (see the module
-    docstring) and the text head is not taught a wrong answer."""
+    docstring) and the text head is not taught a wrong answer. Returns (index of the original in
+    `records`, copy) pairs."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"follow_text share must be in [0, 1], got {share!r}")
-    spoken = [r for r in records if r.get("task") == "qa" and r.get("speak") and r.get("answer_snac") is not None
-              and r.get("text_loss", True) is not False]
+    spoken = [(i, r) for i, r in enumerate(records) if r.get("task") == "qa" and r.get("speak")
+              and r.get("answer_snac") is not None and r.get("text_loss", True) is not False]
     said: dict = {}
-    for r in spoken:
+    for _, r in spoken:
         said.setdefault(r["answer_text"], r)
     texts = sorted(said)
     if share == 0.0 or len(texts) < 2:
         return []
     out = []
-    for r in spoken:
+    for i, r in spoken:
         rng = random.Random(f"follow-text:{seed}:{r.get('id')}")
         if rng.random() >= share:
             continue
         src = said[rng.choice([t for t in texts if t != r["answer_text"]])]
-        out.append({**r, "id": f"{r.get('id')}-ft", "answer_text": src["answer_text"],
-                    "answer_snac": src["answer_snac"], "answer_audio": src.get("answer_audio"), "text_loss": False})
+        out.append((i, {**r, "id": f"{r.get('id')}-ft", "answer_text": src["answer_text"],
+                        "answer_snac": src["answer_snac"], "answer_audio": src.get("answer_audio"),
+                        "text_loss": False}))
     return out
 
 

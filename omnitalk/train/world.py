@@ -563,7 +563,8 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
         "synth": type(synth).__name__, "answer_synth": type(answer_synth).__name__,
         "answer_voice": answer_voice.to_dict(),
         "voices": {"train": train_voices.to_dict(), "held_out": eval_voices.to_dict()},
-        "image_size": image_size, "image_layout": image_layout, "question_sample_rate": QUESTION_SR, "answer_sample_rate": ANSWER_SR,
+        "image_size": image_size, "image_layout": image_layout,
+        "question_sample_rate": QUESTION_SR, "answer_sample_rate": ANSWER_SR,
         "snac_filled": codec is not None,
         "files": {k: (str(Path(v).relative_to(out.resolve())) if v else None) for k, v in
                   (("train", info.train_manifest.resolve()), ("eval", info.eval_manifest.resolve()),

@@ -165,6 +165,10 @@ def test_follow_text_copies_join_the_speech_stage_only(tmp_path):
     copies = [r for r in out if r["id"].endswith("-ft")]
     assert out[:40] == recs and 10 <= len(copies) == len(out) - 40 <= 30 and weights == [2.0] * len(out)
     assert all(r["text_loss"] is False for r in copies)
+    # each copy is weighed as its own original, also when two sources hold the same ids
+    out, weights = load_sources([{"records": recs, "weight": 2.0}, {"records": recs, "weight": 3.0}], cfg3)
+    weight_of_copy = [w for r, w in zip(out, weights) if r["id"].endswith("-ft")]
+    assert weight_of_copy == [2.0] * len(copies) + [3.0] * len(copies)
     out2, _ = load_sources(entries, train_config(tmp_path, stage=2, data={"follow_text": 0.5}))
     assert len(out2) == 40 and not any(r["speak"] for r in out2)  # stage 2: text answers, no copies
     with pytest.raises(TrainConfigError, match="data.follow_text is a share in"):

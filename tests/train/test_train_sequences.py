@@ -169,12 +169,14 @@ def test_follow_text_copies_say_another_answer_in_words_and_speech():
                  answer_snac=[[i % 3] * 7], answer_audio=f"a{i % 3}.wav") for i in range(200)]
     recs += [dict(id="t", task="qa", question_text="q", answer_text="a0", speak=False),   # not spoken: never copied
              dict(id="s", task="asr", question_audio="q.wav", answer_text="a1")]
-    copies = follow_text_copies(recs, 0.3, seed=1)
-    assert 40 <= len(copies) <= 80 and copies == follow_text_copies(recs, 0.3, seed=1)  # a seeded share
-    assert copies != follow_text_copies(recs, 0.3, seed=2)
+    pairs = follow_text_copies(recs, 0.3, seed=1)
+    copies = [c for _, c in pairs]
+    assert 40 <= len(copies) <= 80 and pairs == follow_text_copies(recs, 0.3, seed=1)  # a seeded share
+    assert pairs != follow_text_copies(recs, 0.3, seed=2)
     by_id = {r["id"]: r for r in recs}
-    for c in copies:
+    for i, c in pairs:
         orig = by_id[c["id"][:-3]]
+        assert recs[i] is orig
         assert c["id"].endswith("-ft") and c["question_text"] == orig["question_text"] and c["text_loss"] is False
         assert c["answer_text"] != orig["answer_text"]                  # another answer ...
         k = int(c["answer_text"][1])
