@@ -307,6 +307,14 @@ def place(scene: Scene, shapes: Sequence[tuple[str, str]], size: int, rng: rando
 
 def image_question(family: str, key: str, question: str, size: int, rng: random.Random, layout: str = "free"):
     """Draw an image for an image question -> (image, answer); `layout` as `place`'s."""
+    scene, answer = question_scene(family, key, size, rng, layout)
+    return draw_scene(scene, size, rng), answer
+
+
+def question_scene(family: str, key: str, size: int, rng: random.Random, layout: str = "free") -> tuple[Scene, str]:
+    """The scene of an image question (family count / color / shape about `key`) and its answer, before
+    drawing: count -> 1..6 of `key` among 0..3 others; color -> `key` once, in a colour no other shape has;
+    shape -> the one shape of colour `key`."""
     others = lambda s: [x for x in SHAPES if x != s]
     if family == "count":
         n = rng.randint(1, 6)
@@ -328,8 +336,7 @@ def image_question(family: str, key: str, question: str, size: int, rng: random.
     else:
         raise ValueError(family)
     rng.shuffle(shapes)
-    scene = place(Scene(), shapes, size, rng, layout)
-    return draw_scene(scene, size, rng), answer
+    return place(Scene(), shapes, size, rng, layout), answer
 
 
 # ---------------------------------------------------------------------------------------------
