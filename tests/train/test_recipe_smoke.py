@@ -98,6 +98,12 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     assert rc["world"]["image_layout"] == "grid" and rc["world"]["eval_mix"]["it2t"] == 516
     assert rc["codec"] == "runs/codec-piper-answers/final" and rc["world"]["answer_prefix"] == "the answer is"
     assert rc["stages"][3]["follow_text"] == 0.3 and rc["stages"][3]["steps"] == 4000  # merged into stage 3
+    # the demo keeps the stage lengths it was shipped with; the recipe itself trains stages 0 and 3 longer
+    assert rc["stage0"]["audio"]["steps"] == 2500 and rc["stage0"]["vision"]["steps"] == 1000
+    assert rc["stages"][3]["lr"] == 2.0e-3 and rc["stages"][2]["steps"] == 900
+    base = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", None)
+    assert base["stage0"]["audio"]["steps"] == 6000 and base["stages"][3]["steps"] == 6000
+    assert "follow_text" not in base["stages"][3]
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
     rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper",
                    "answer_prefix": "the answer is", "image_layout": "grid"}
