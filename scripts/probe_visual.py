@@ -12,6 +12,7 @@ The knobs vary what the LLM is given, to find what bounds the visual item (docs/
   --adapter-rms R      RMS-normalise the vision adapter's output to R (a forward hook)
   --whiten             centre and PCA-whiten the tower's features (statistics of 2000 training scenes)
   --objects            keep the class token and only the patches that show a shape (from the pixels)
+  --class-only         the image is its class token alone (one position)
   --label-features     each patch feature becomes two linear heads' log-probs of its shape and colour
   --text-scene         control without pictures: the scene as words before the question
                        ("red star blue circle what color is the star")
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--whiten", action="store_true")
     ap.add_argument("--objects", action="store_true")
     ap.add_argument("--label-features", action="store_true")
+    ap.add_argument("--class-only", action="store_true")
     ap.add_argument("--text-scene", action="store_true")
     ap.add_argument("--model", default=None)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -238,6 +240,8 @@ def main(argv=None) -> int:
         if a.whiten:
             mean, wh = whitener(torch.cat([feats[r["question_image"]].float() for r, _ in train[:2000]]))
             feats = {k: ((v.float() - mean) @ wh).half() for k, v in feats.items()}
+        if a.class_only:
+            feats = {k: v[:1] for k, v in feats.items()}
         if a.objects:
             for rec, im in train + held:
                 feats[rec["question_image"]] = feats[rec["question_image"]][[0] + [1 + i for i in object_cells(im)]]
