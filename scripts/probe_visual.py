@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.class_only and a.objects:
+        raise SystemExit("--class-only and --objects both choose the picture's positions: give one of them")
 
     t0 = time.time()
     torch.set_num_threads(a.threads)

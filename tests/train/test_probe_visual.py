@@ -116,3 +116,5 @@ def test_a_short_text_scene_run_trains_and_writes_its_curve(probe, tmp_path):
 def test_probe_refuses_a_folder_that_is_not_a_run(probe, tmp_path):
     with pytest.raises(SystemExit, match="world.json not found"):
         probe.main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="give one of them"):
+        probe.main(["--run", str(tmp_path), "--out", str(tmp_path / "o"), "--class-only", "--objects"])
