@@ -6,7 +6,7 @@ layout + a written question, text answer) from a recipe run's stage-1 export, an
 phrasings, per question family, every `--eval-every` steps (and on the first 400 training questions).
 The knobs vary what the LLM is given, to find what bounds the visual item (docs/training.md):
 
-  --n-train N          distinct training scenes (40 000: no scene is seen twice as often as in the recipe)
+  --n-train N          distinct training scenes (40 000: 1000 steps of 48 see each about once)
   --reinit PREFIXES    draw these parameters anew first (e.g. vision_adapter.: the stage-1 adapter's outputs
                        are ~150x the text embeddings)       --train-params  what trains
   --adapter-rms R      RMS-normalise the vision adapter's output to R (a forward hook)
@@ -157,7 +157,7 @@ def exact(lm, builder: SampleBuilder, layout: TokenLayout, batch: int = 64) -> d
         b = collate([builder(j) for j in idx], layout, 8, cfg.whisper_adapter_dim, cfg.vision_adapter_dim)
         h = lm.forward_hidden(embed_batch(lm, b.ids, b.audio_feats, b.audio_index, b.image_feats, b.image_index), 0)
         tt = b.targets[:, cfg.n_audio_layers]
-        pred = (h @ lm.lm_head.weight[:cfg.text_vocab_size].T).argmax(-1)
+        pred = lm.text_logits(h).argmax(-1)
         ok = ((pred == tt) | (tt == IGNORE)).all(-1)
         for j, k in enumerate(idx):
             right.setdefault(builder.records[k]["family"], []).append(bool(ok[j]))
@@ -209,6 +209,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{run_dir / need} not found: --run takes a folder of scripts/train_small.py "
                              "(make train-small) after its stage 1")
     world = json.loads((run_dir / "world" / "world.json").read_text())
+    layout_name = world.get("image_layout", "free")
     cfg = TrainConfig.from_yaml(run_dir / "stage2.yaml")
     cfg.train_params = [p for p in a.train_params.split(",") if p]
     cfg.model.checkpoint = str(Path(a.init or run_dir / "stage1" / "final").resolve())
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
             for (rec, _), f in zip(part, vit_features(vit, [im for _, im in part])):
                 feats[rec["question_image"]] = f
         if a.label_features:
-            heads = patch_heads(vit, world.get("image_layout", "free"))
+            heads = patch_heads(vit, layout_name)
             feats = {k: label_features(heads, v.float()).half() for k, v in feats.items()}
         if a.whiten:
             mean, wh = whitener(torch.cat([feats[r["question_image"]].float() for r, _ in train[:2000]]))
@@ -247,17 +248,6 @@ def main(argv=None) -> int:
         if a.objects:
             for rec, im in train + held:
                 feats[rec["question_image"]] = feats[rec["question_image"]][[0] + [1 + i for i in object_cells(im)]]
-    if a.adapter_rms is not None:
-        import omnitalk.train.loop as L
-
-        build = L.build_model
-
-        def build_normed(cfg_, mcfg_):
-            lm = build(cfg_, mcfg_)
-            lm.vision_adapter.register_forward_hook(lambda m, i, o: F.rms_norm(o, (o.shape[-1],)) * a.adapter_rms)
-            return lm
-
-        L.build_model = build_normed
     print(f"drew {len(train)} + {len(held)} questions in {time.time() - t0:.0f} s", flush=True)
 
     features = MemoryFeatures(image=feats)
@@ -266,8 +256,21 @@ def main(argv=None) -> int:
     train_recs, held_recs = [r for r, _ in train], [r for r, _ in held]
     STATE.update(layout=layout, curve=[], eval=SampleBuilder(held_recs, layout, tok, features),
                  train_sub=SampleBuilder(train_recs[:400], layout, tok, features))
-    res = run(cfg, records=train_recs, eval_records=held_recs, features=features)
-    out = {"args": vars(a), "image_layout": world.get("image_layout", "free"), "curve": STATE["curve"],
+    import omnitalk.train.loop as L
+
+    build = L.build_model
+    if a.adapter_rms is not None:  # loop.run builds the model itself: wrap its builder for this run only
+        def build_normed(cfg_, mcfg_):
+            lm = build(cfg_, mcfg_)
+            lm.vision_adapter.register_forward_hook(lambda m, i, o: F.rms_norm(o, (o.shape[-1],)) * a.adapter_rms)
+            return lm
+
+        L.build_model = build_normed
+    try:
+        res = run(cfg, records=train_recs, eval_records=held_recs, features=features)
+    finally:
+        L.build_model = build
+    out = {"args": vars(a), "image_layout": layout_name, "curve": STATE["curve"],
            "final": STATE["curve"][-1] if STATE["curve"] else None, "seconds": round(time.time() - t0, 1),
            "checkpoint": str(res.path)}
     Path(a.out, "probe_visual.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -100,8 +100,12 @@ def test_a_short_text_scene_run_trains_and_writes_its_curve(probe, tmp_path):
         "stage": 2, "optim": {"warmup_steps": 2}, "device": "cpu"})
     cfg.to_yaml(run / "stage2.yaml")
     out = tmp_path / "probe"
+    import omnitalk.train.loop as L
+    build = L.build_model
     assert probe.main(["--run", str(run), "--out", str(out), "--text-scene", "--model", "{}", "--n-train", "96",
-                       "--n-eval", "32", "--steps", "30", "--eval-every", "15", "--batch-size", "16"]) == 0
+                       "--n-eval", "32", "--steps", "30", "--eval-every", "15", "--batch-size", "16",
+                       "--adapter-rms", "0.16"]) == 0
+    assert L.build_model is build  # --adapter-rms wraps the model builder for that run only
     res = json.loads((out / "probe_visual.json").read_text())
     assert [c["step"] for c in res["curve"]] == [15, 30]
     fam = res["final"]
