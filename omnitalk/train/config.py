@@ -77,6 +77,7 @@ class OptimSection:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float | None = 1.0
+    lr_scale: dict = field(default_factory=dict)  # {parameter-name prefix: multiplier of the scheduled lr}
 
 
 @dataclass

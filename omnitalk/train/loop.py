@@ -200,14 +200,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    """AdamW; matrices decay, vectors do not. `optim.lr_scale` {prefix: k}: the parameters whose name
+    (as in the model's state dict, e.g. `vision_adapter.`) starts with a prefix learn at k x the
+    scheduled lr (its own param groups, `lr_scale` recorded in each group)."""
+    scales = {str(k): float(v) for k, v in (cfg.optim.lr_scale or {}).items()}
+    groups: dict[tuple, list] = {}
+    matched = set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = name.split("lm.", 1)[-1] if "lm." in name else name  # TrainModule (+ DDP) prefixes
+        prefix = next((k for k in scales if name.startswith(k)), None)
+        matched.add(prefix)
+        groups.setdefault((p.dim() >= 2, scales.get(prefix, 1.0)), []).append(p)
+    unused = sorted(set(scales) - matched)
+    if unused:
+        raise ValueError(f"optim.lr_scale: no trainable parameter starts with {unused} (names look like "
+                         "'vision_adapter.fc_1.weight', 'transformer.h.0.attn.attn.weight')")
+    out = [{"params": ps, "weight_decay": cfg.optim.weight_decay if decay else 0.0, "lr_scale": k}
+           for (decay, k), ps in groups.items()]
+    return torch.optim.AdamW(out, lr=cfg.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -668,7 +680,7 @@ def train_step(module, optimizer, micro: list[tuple[Batch, float]], lr: float, c
         n_tok += float(b.lengths.sum()) * scale
     counts = _reduce(counts, info)
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     parts_sum: dict[str, torch.Tensor] = {}
     for k, (b, scale) in enumerate(micro):
         sync = k == len(micro) - 1 or not hasattr(module, "no_sync")

@@ -365,3 +365,29 @@ def test_sample_builder_merges_audio_by_ctc_like_the_engine():
     del feats.model
     with pytest.raises(CheckpointError, match="no 'ctc_head'"):
         SampleBuilder(recs, LAYOUT, TOK, feats, audio_compress="ctc")(0)
+
+
+def test_lr_scale_gives_matching_parameters_their_own_lr(tmp_path, monkeypatch):
+    from omnitalk.train.loop import TrainModule, make_optimizer
+
+    cfg = train_config(tmp_path, optim=dict(lr_scale={"vision_adapter.": 10.0}))
+    lm = build_model(cfg, model_config(cfg))
+    opt = make_optimizer(TrainModule(lm, cfg.loss), cfg)
+    by_scale = {g["lr_scale"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert set(by_scale) == {1.0, 10.0}
+    assert by_scale[10.0] == {id(p) for p in lm.vision_adapter.parameters()}
+    # a run schedules every group at its multiple of the lr
+    seen, step = [], torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        seen.append(sorted((g["lr_scale"], g["lr"]) for g in self.param_groups))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    recs, feats = synthetic(2, tasks=("image",))
+    rc = train_config(tmp_path / "r", optim=dict(lr_scale={"vision_adapter.": 10.0}, steps=2, warmup_steps=0))
+    assert run(rc, records=recs, features=feats).step == 2
+    first = {k: lr for k, lr in seen[0]}
+    assert first[1.0] == pytest.approx(lr_at(0, rc)) and first[10.0] == pytest.approx(10 * lr_at(0, rc))
+    with pytest.raises(ValueError, match=r"lr_scale: no trainable parameter starts with \['visual_adapter.'\]"):
+        make_optimizer(TrainModule(lm, cfg.loss), train_config(tmp_path, optim=dict(lr_scale={"visual_adapter.": 2})))
