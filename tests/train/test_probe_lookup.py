@@ -1,0 +1,87 @@
+"""scripts/probe_lookup.py: the picture-lookup probe draws colour/shape questions on the right side of the
+split, both bodies and every knob train and write their curve, and bad arguments are refused by name."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnitalk.train import world as W
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = {"seed": 0, "held_out_fraction": 0.15, "image_size": 224, "image_layout": "grid"}
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("probe_lookup", ROOT / "scripts" / "probe_lookup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from omnitalk.model.clip import VisionDims, VisionTransformer
+
+    run = tmp_path_factory.mktemp("run")
+    (run / "world").mkdir()
+    (run / "world" / "world.json").write_text(json.dumps(WORLD))
+    (run / "assets").mkdir()
+    torch.manual_seed(0)
+    torch.save(VisionTransformer(VisionDims(224, 32, 64, 1, 1, 16)).state_dict(), run / "assets" / "ViT-B-32.pt")
+    return run
+
+
+def test_questions_are_colour_and_shape_lookups_in_the_split_phrasings(probe, run):
+    from omnitalk.train.loop import _encoders_from_dir
+
+    vit = _encoders_from_dir(run / "assets").clip.eval()
+    vocab = {"<pad>": 0, "<bos>": 1, "<answer>": 2}
+    words = {i: w for w, i in vocab.items()}
+    for held in (False, True):
+        items = probe.questions(WORLD, 40, held, "t", vit, vocab)
+        words = {i: w for w, i in vocab.items()}
+        phrasings = {q for f, _, q in W._Pools(0, 0.15, held).image if f in ("color", "shape")}
+        assert len(items) == 40 and {it[3] for it in items} == {"color", "shape"}
+        for feats, q, y, family in items:
+            assert feats.shape == (50, 16) and feats.dtype == torch.float32
+            assert q[-1] == vocab["<answer>"] and " ".join(words[i] for i in q[:-1]) in phrasings
+            assert words[y] in (W.COLORS if family == "color" else W.SHAPES)
+    feats, first, question, y = probe.stack(items[:5], vocab)
+    assert feats.shape == (5, 50, 16) and first.shape == (5, 1) and question.shape[0] == 5
+    assert (question[:, -1] == vocab["<answer>"]).all()  # left-padded: every answer is read last
+
+
+@pytest.mark.parametrize("args", [
+    ["--body", "gpt", "--heads", "2"],
+    ["--body", "omni", "--heads", "2", "--groups", "1", "--adapter", "gated", "--streams-mean",
+     "--adapter-lr-scale", "10"],
+])
+def test_a_short_run_trains_and_writes_its_curve(probe, run, tmp_path, args):
+    out = tmp_path / "c.json"
+    assert probe.main(["--run", str(run), "--out", str(out), "--layers", "1", "--width", "32", "--n-train", "16",
+                       "--n-eval", "24", "--steps", "40", "--eval-every", "20", "--batch-size", "8", "--lr", "3e-3",
+                       "--threads", "1", *args]) == 0
+    res = json.loads(out.read_text())
+    assert [c["step"] for c in res["curve"]] == [0, 20, 40]
+    for row in res["curve"]:
+        x = row["heldout_all"] * 24
+        assert 0.0 <= row["heldout_all"] <= 1.0 and abs(x - round(x)) < 0.01  # a share of the 24 questions
+    # 16 training scenes: it memorises them, the loss falls
+    assert res["curve"][2]["train_loss"] < 0.8 * res["curve"][1]["train_loss"]
+    assert res["args"]["body"] == args[1]
+
+
+def test_probe_refuses_bad_arguments_by_name(probe, run, tmp_path, capsys):
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text(json.dumps(WORLD))
+    for args, message in (([], "ViT-B-32.pt is missing: --run takes a folder that scripts/train_small.py wrote"),
+                          (["--run", str(run), "--body", "gpt", "--streams-mean"], "knobs of --body omni"),
+                          (["--run", str(run), "--heads", "3"], "--width 128 must split into --heads 3")):
+        with pytest.raises(SystemExit):
+            probe.main(["--run", str(tmp_path), "--out", str(tmp_path / "o.json"), *args])
+        assert message in capsys.readouterr().err
