@@ -4,7 +4,8 @@
                init_std, dropout (residual, training only)
     stage:     1 | 2 | 3 -> which parameters train (STAGE_PARAMS) and the default schedule (STAGE_LR)
     data:      train / eval manifests (JSONL) with sampling weights, task mixture weights, features
-    optim:     lr, min_lr, warmup_steps, steps (cosine), weight_decay, betas, eps, grad_clip
+    optim:     lr, min_lr, warmup_steps, steps (cosine), weight_decay, betas, eps, grad_clip,
+               lr_scale ({name prefix: multiple of the lr}, e.g. {vision_adapter.: 5})
     batch:     batch_size (records per global micro-batch) or batch_tokens (length buckets), grad_accum
     loss:      weights of the text and audio parts; text_norm: token (default) | sample (every sample weighs the same)
     dtype, device, strategy (auto | ddp | fsdp), checkpoint_every, eval_every, log_every, seed, out_dir
