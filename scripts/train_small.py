@@ -338,7 +338,7 @@ def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, ini
                  "features": {"cache_dir": str(world / "features"), "encoders": str(assets)},
                  "max_len": rc["model"]["block_size"]},
         "optim": {"lr": s["lr"], "min_lr": s["min_lr"], "warmup_steps": s["warmup_steps"], "steps": s["steps"],
-                  "weight_decay": s.get("weight_decay", 0.05), "grad_clip": 1.0},
+                  "weight_decay": s.get("weight_decay", 0.05), "grad_clip": 1.0, "lr_scale": s.get("lr_scale") or {}},
         # batch_tokens: length buckets; without it, random batches of batch_size records (every task mixed)
         "batch": {"batch_tokens": s.get("batch_tokens"), "batch_size": s.get("batch_size", 32),
                   "max_batch": s.get("max_batch")},
