@@ -104,18 +104,16 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     base = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", None)
     assert base["stage0"]["audio"]["steps"] == 6000 and base["stages"][3]["steps"] == 6000
     assert "follow_text" not in base["stages"][3]
-    # ... and since 2026-12-07 (night) has 4 heads with their own keys and values and a faster vision adapter
-    assert (base["model"]["n_head"], base["model"]["n_query_groups"]) == (4, 4)
-    assert base["stages"][3]["lr_scale"] == {"vision_adapter.": 5.0}
-    assert (rc["model"]["n_head"], rc["model"]["n_query_groups"]) == (2, 1)
-    assert rc["stages"][3]["lr_scale"] is None and rc["model"]["n_layer"] == 4
+    # a stage's lr_scale reaches its train config (measured with 4 heads, not adopted: docs/training.md)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "world.json").write_text(json.dumps({"vocab_size": 82}))
     cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
+    assert cfg["optim"]["lr_scale"] == {} and cfg["model"]["config"]["head_size"] == 64
+    base["stages"][3]["lr_scale"] = {"vision_adapter.": 5.0}
+    base["model"].update(n_head=4, n_query_groups=4)
+    cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
     assert cfg["optim"]["lr_scale"] == {"vision_adapter.": 5.0}
     assert cfg["model"]["config"]["head_size"] == 32 and cfg["model"]["config"]["n_query_groups"] == 4
-    cfg = ts.stage_config(rc, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
-    assert cfg["optim"]["lr_scale"] == {} and cfg["model"]["config"]["head_size"] == 64
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
     rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper",
                    "answer_prefix": "the answer is", "image_layout": "grid"}
