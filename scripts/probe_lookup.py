@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "curve": curve, "seconds": round(time.time() - t0, 1)}, indent=1))
