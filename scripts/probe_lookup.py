@@ -13,7 +13,8 @@ phrasings every `--eval-every` steps. Two bodies, both 4 layers wide 128 by defa
 and the knobs that separate them: --heads / --groups (omni: query heads / key-value groups), --adapter
 linear | gated (nn.Linear, or the release's gated-MLP adapter), --adapter-lr-scale (the adapter's lr as a
 multiple of --lr), --streams-mean (omni: scale the inputs as the model's mean over its 8 streams does —
-words / 8, pictures x 7/8).
+words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults), --norm
+rmsnorm | layernorm (omni: the blocks' norm).
 
     python scripts/probe_lookup.py --run runs/long --body omni --heads 4 --groups 4 --adapter gated \\
         --streams-mean --adapter-lr-scale 10 --out runs/probe-lookup/h4-gated-lr10.json
@@ -94,7 +95,16 @@ class Reader(nn.Module):
                          padded_vocab_size=text_vocab + 7 * 4160,
                          whisper_adapter_dim=feat_dim, vision_adapter_dim=feat_dim, block_size=128)
             self.lm = OmniLM(cfg)
-            init_weights(self.lm, 0.02, zero_audio_pad=True)
+            if a.init == "recipe":
+                init_weights(self.lm, 0.02, zero_audio_pad=True)
+            else:  # PyTorch's defaults, as the nanoGPT body starts (nn.Linear: uniform +-1/sqrt(fan_in); table N(0, 1))
+                for m in self.lm.modules():
+                    if isinstance(m, (nn.Linear, nn.Embedding)):
+                        m.reset_parameters()
+            if a.norm == "layernorm":  # the nanoGPT body's norm in the OmniLM blocks
+                for block in self.lm.transformer.h:
+                    block.norm_1, block.norm_2 = nn.LayerNorm(a.width), nn.LayerNorm(a.width)
+                self.lm.transformer.ln_f = nn.LayerNorm(a.width)
             self.wte = self.lm.transformer.wte
             adapter = self.lm.vision_adapter if a.adapter == "gated" else nn.Linear(feat_dim, a.width)
         self.adapter = adapter
@@ -153,6 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", choices=("linear", "gated"), default="linear")
     ap.add_argument("--adapter-lr-scale", type=float, default=1.0)
     ap.add_argument("--streams-mean", action="store_true")
+    ap.add_argument("--init", choices=("recipe", "torch"), default="recipe",
+                    help="omni: loop.init_weights (the recipe's) or PyTorch's default initialisation")
+    ap.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm", help="omni: the blocks' norm")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-eval", type=int, default=600)
     ap.add_argument("--steps", type=int, default=1600)
@@ -162,8 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.body == "gpt" and (a.groups is not None or a.streams_mean):
-        ap.error("--groups and --streams-mean are knobs of --body omni")
+    if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or a.norm != "rmsnorm"):
+        ap.error("--groups, --streams-mean, --init and --norm are knobs of --body omni")
     if a.width % a.heads or (a.groups and a.heads % a.groups):
         ap.error(f"--width {a.width} must split into --heads {a.heads}, and the heads into --groups {a.groups}")
     run = Path(a.run)
