@@ -14,7 +14,7 @@ and the knobs that separate them: --heads / --groups (omni: query heads / key-va
 linear | gated (nn.Linear, or the release's gated-MLP adapter), --adapter-lr-scale (the adapter's lr as a
 multiple of --lr), --streams-mean (omni: scale the inputs as the model's mean over its 8 streams does —
 words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults), --norm
-rmsnorm | layernorm (omni: the blocks' norm).
+rmsnorm | layernorm (omni: the blocks' norm), --positions rope | learned (omni).
 
     python scripts/probe_lookup.py --run runs/long --body omni --heads 4 --groups 4 --adapter gated \\
         --streams-mean --adapter-lr-scale 10 --out runs/probe-lookup/h4-gated-lr10.json
@@ -105,6 +105,11 @@ class Reader(nn.Module):
                 for block in self.lm.transformer.h:
                     block.norm_1, block.norm_2 = nn.LayerNorm(a.width), nn.LayerNorm(a.width)
                 self.lm.transformer.ln_f = nn.LayerNorm(a.width)
+            self.pos = None
+            if a.positions == "learned":  # no rotation; the nanoGPT body's learned positions instead
+                self.lm.rope_cos.fill_(1.0)
+                self.lm.rope_sin.zero_()
+                self.pos = nn.Embedding(96, a.width)
             self.wte = self.lm.transformer.wte
             adapter = self.lm.vision_adapter if a.adapter == "gated" else nn.Linear(feat_dim, a.width)
         self.adapter = adapter
@@ -115,6 +120,8 @@ class Reader(nn.Module):
             words, pic = 1 / 8, 7 / 8
         x = torch.cat([self.wte(first) * words, self.adapter(feats) * pic, self.wte(question) * words], 1)
         if hasattr(self, "lm"):
+            if self.pos is not None:
+                x = x + self.pos(torch.arange(x.shape[1]))
             return self.lm.text_logits(self.lm.forward_hidden(x, 0))[:, -1]
         return self.head(self.body(x))[:, -1]
 
@@ -166,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", choices=("recipe", "torch"), default="recipe",
                     help="omni: loop.init_weights (the recipe's) or PyTorch's default initialisation")
     ap.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm", help="omni: the blocks' norm")
+    ap.add_argument("--positions", choices=("rope", "learned"), default="rope",
+                    help="omni: rotary positions (the release's) or learned absolute ones")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-eval", type=int, default=600)
     ap.add_argument("--steps", type=int, default=1600)
@@ -175,8 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or a.norm != "rmsnorm"):
-        ap.error("--groups, --streams-mean, --init and --norm are knobs of --body omni")
+    if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or a.norm != "rmsnorm"
+                           or a.positions != "rope"):
+        ap.error("--groups, --streams-mean, --init, --norm and --positions are knobs of --body omni")
     if a.width % a.heads or (a.groups and a.heads % a.groups):
         ap.error(f"--width {a.width} must split into --heads {a.heads}, and the heads into --groups {a.groups}")
     run = Path(a.run)

@@ -60,7 +60,7 @@ def test_questions_are_colour_and_shape_lookups_in_the_split_phrasings(probe, ru
     ["--body", "gpt", "--heads", "2"],
     ["--body", "omni", "--heads", "2", "--groups", "1", "--adapter", "gated", "--streams-mean",
      "--adapter-lr-scale", "10"],
-    ["--body", "omni", "--heads", "2", "--init", "torch", "--norm", "layernorm"],
+    ["--body", "omni", "--heads", "2", "--init", "torch", "--norm", "layernorm", "--positions", "learned"],
 ])
 def test_a_short_run_trains_and_writes_its_curve(probe, run, tmp_path, args):
     out = tmp_path / "c.json"
@@ -95,8 +95,8 @@ def test_omni_knobs_change_the_blocks_and_their_start(probe):
     from omnitalk.model.llm import RMSNorm
 
     base = dict(body="omni", layers=1, width=32, heads=2, groups=1, adapter="linear", streams_mean=False)
-    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", norm="rmsnorm"), 10, 16)
-    other = probe.Reader(argparse.Namespace(**base, init="torch", norm="layernorm"), 10, 16)
+    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", norm="rmsnorm", positions="rope"), 10, 16)
+    other = probe.Reader(argparse.Namespace(**base, init="torch", norm="layernorm", positions="learned"), 10, 16)
     w = recipe.lm.transformer.h[0].attn.attn.weight
     assert float(w.std()) == pytest.approx(0.02, rel=0.2)   # loop.init_weights
     w = other.lm.transformer.h[0].attn.attn.weight
@@ -105,3 +105,6 @@ def test_omni_knobs_change_the_blocks_and_their_start(probe):
     assert isinstance(recipe.lm.transformer.h[0].norm_1, RMSNorm)
     assert all(isinstance(m, torch.nn.LayerNorm) for m in (other.lm.transformer.h[0].norm_1,
                                                            other.lm.transformer.h[0].norm_2, other.lm.transformer.ln_f))
+    assert recipe.pos is None and float(recipe.lm.rope_sin[5].abs().max()) > 0.1
+    assert other.pos.weight.shape == (96, 32) and float(other.lm.rope_sin.abs().max()) == 0.0  # no rotation
+    assert bool((other.lm.rope_cos == 1).all())
