@@ -14,7 +14,8 @@ and the knobs that separate them: --heads / --groups (omni: query heads / key-va
 linear | gated (nn.Linear, or the release's gated-MLP adapter), --adapter-lr-scale (the adapter's lr as a
 multiple of --lr), --streams-mean (omni: scale the inputs as the model's mean over its 8 streams does —
 words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults), --norm
-rmsnorm | layernorm (omni: the blocks' norm), --positions rope | learned (omni).
+rmsnorm | layernorm (omni: the blocks' norm), --positions rope | learned, --head tied | untied
+(omni).
 
     python scripts/probe_lookup.py --run runs/long --body omni --heads 4 --groups 4 --adapter gated \\
         --streams-mean --adapter-lr-scale 10 --out runs/probe-lookup/h4-gated-lr10.json
@@ -105,6 +106,7 @@ class Reader(nn.Module):
                 for block in self.lm.transformer.h:
                     block.norm_1, block.norm_2 = nn.LayerNorm(a.width), nn.LayerNorm(a.width)
                 self.lm.transformer.ln_f = nn.LayerNorm(a.width)
+            self.head = nn.Linear(a.width, vocab, bias=False) if a.head == "untied" else None
             self.pos = None
             if a.positions == "learned":  # no rotation; the nanoGPT body's learned positions instead
                 self.lm.rope_cos.fill_(1.0)
@@ -122,7 +124,8 @@ class Reader(nn.Module):
         if hasattr(self, "lm"):
             if self.pos is not None:
                 x = x + self.pos(torch.arange(x.shape[1]))
-            return self.lm.text_logits(self.lm.forward_hidden(x, 0))[:, -1]
+            h = self.lm.forward_hidden(x, 0)
+            return (self.lm.text_logits(h) if self.head is None else self.head(h))[:, -1]
         return self.head(self.body(x))[:, -1]
 
 
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm", help="omni: the blocks' norm")
     ap.add_argument("--positions", choices=("rope", "learned"), default="rope",
                     help="omni: rotary positions (the release's) or learned absolute ones")
+    ap.add_argument("--head", choices=("tied", "untied"), default="tied",
+                    help="omni: answer logits from the embedding table (the release's) or an own linear head")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--n-eval", type=int, default=600)
     ap.add_argument("--steps", type=int, default=1600)
@@ -185,8 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or a.norm != "rmsnorm"
-                           or a.positions != "rope"):
-        ap.error("--groups, --streams-mean, --init, --norm and --positions are knobs of --body omni")
+                           or a.positions != "rope" or a.head != "tied"):
+        ap.error("--groups, --streams-mean, --init, --norm, --positions and --head are knobs of --body omni")
     if a.width % a.heads or (a.groups and a.heads % a.groups):
         ap.error(f"--width {a.width} must split into --heads {a.heads}, and the heads into --groups {a.groups}")
     run = Path(a.run)

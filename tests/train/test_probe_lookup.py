@@ -60,7 +60,8 @@ def test_questions_are_colour_and_shape_lookups_in_the_split_phrasings(probe, ru
     ["--body", "gpt", "--heads", "2"],
     ["--body", "omni", "--heads", "2", "--groups", "1", "--adapter", "gated", "--streams-mean",
      "--adapter-lr-scale", "10"],
-    ["--body", "omni", "--heads", "2", "--init", "torch", "--norm", "layernorm", "--positions", "learned"],
+    ["--body", "omni", "--heads", "2", "--init", "torch", "--norm", "layernorm", "--positions", "learned",
+     "--head", "untied"],
 ])
 def test_a_short_run_trains_and_writes_its_curve(probe, run, tmp_path, args):
     out = tmp_path / "c.json"
@@ -95,8 +96,8 @@ def test_omni_knobs_change_the_blocks_and_their_start(probe):
     from omnitalk.model.llm import RMSNorm
 
     base = dict(body="omni", layers=1, width=32, heads=2, groups=1, adapter="linear", streams_mean=False)
-    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", norm="rmsnorm", positions="rope"), 10, 16)
-    other = probe.Reader(argparse.Namespace(**base, init="torch", norm="layernorm", positions="learned"), 10, 16)
+    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", norm="rmsnorm", positions="rope", head="tied"), 10, 16)
+    other = probe.Reader(argparse.Namespace(**base, init="torch", norm="layernorm", positions="learned", head="untied"), 10, 16)
     w = recipe.lm.transformer.h[0].attn.attn.weight.detach()
     assert float(w.std()) == pytest.approx(0.02, rel=0.2)   # loop.init_weights
     w = other.lm.transformer.h[0].attn.attn.weight.detach()
@@ -108,3 +109,6 @@ def test_omni_knobs_change_the_blocks_and_their_start(probe):
     assert recipe.pos is None and float(recipe.lm.rope_sin[5].abs().max()) > 0.1
     assert other.pos.weight.shape == (96, 32) and float(other.lm.rope_sin.abs().max()) == 0.0  # no rotation
     assert bool((other.lm.rope_cos == 1).all())
+    assert recipe.head is None and other.head.weight.shape == (10, 32)
+    x = torch.randn(2, 50, 16), torch.ones(2, 1, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    assert recipe(*x).shape == (2, recipe.lm.cfg.text_vocab_size) and other(*x).shape == (2, 10)
