@@ -133,8 +133,7 @@ def questions(world: dict, n: int, held: bool, tag: str, vit, vocab: dict) -> li
     """n colour/shape questions on freshly drawn scenes: (features (P, F), question ids, answer id)."""
     out, k = [], 0
     while len(out) < n:
-        batch = [(r, im) for r, im in picture_questions(world, 2 * (n - len(out)) + 8, held, f"{tag}{k}")
-                 if r["family"] in FAMILIES][:n - len(out)]
+        batch = picture_questions(world, 2 * (n - len(out)) + 8, held, f"{tag}{k}", families=FAMILIES)[:n - len(out)]
         k += 1
         feats = vit_features(vit, [im for _, im in batch])
         for (r, _), f in zip(batch, feats):

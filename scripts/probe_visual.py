@@ -49,15 +49,19 @@ def scene_words(scene) -> str:
     return " ".join(f"{c} {s}" for s, c, *_ in scene.items)
 
 
-def picture_questions(world: dict, n: int, held: bool, tag: str, text_scene: bool = False) -> list[tuple[dict, object]]:
+def picture_questions(world: dict, n: int, held: bool, tag: str, text_scene: bool = False,
+                      families=None) -> list[tuple[dict, object]]:
     """n (record, PIL image) pairs drawn like the world's it2t records, from the training or held-out
-    phrasings; with text_scene the record's question starts with the scene in words and has no image."""
+    phrasings; with text_scene the record's question starts with the scene in words and has no image.
+    With `families`, the records of other families among the n are left out (and not drawn)."""
     pool = W._Pools(world["seed"], world["held_out_fraction"], held).image
     size, layout = world["image_size"], world.get("image_layout", "free")
     out = []
     for i in range(n):
         rng = random.Random(f"probe:{tag}:{i}")
         family, key, question = rng.choice(pool)
+        if families is not None and family not in families:
+            continue
         scene, answer = W.question_scene(family, key, size, rng, layout)
         rec = {"id": f"{tag}-{i:06d}", "task": "qa", "question_text": question, "question_image": f"mem:{tag}:{i}",
                "answer_text": answer, "speak": False, "family": family}
