@@ -209,7 +209,7 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        name = name.split("lm.", 1)[-1] if "lm." in name else name  # TrainModule (+ DDP) prefixes
+        name = name.split("lm.", 1)[-1]  # without the TrainModule (+ DDP) prefix
         prefix = next((k for k in scales if name.startswith(k)), None)
         matched.add(prefix)
         groups.setdefault((p.dim() >= 2, scales.get(prefix, 1.0)), []).append(p)
