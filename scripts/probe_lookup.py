@@ -13,9 +13,9 @@ phrasings every `--eval-every` steps. Two bodies, both 4 layers wide 128 by defa
 and the knobs that separate them: --heads / --groups (omni: query heads / key-value groups), --adapter
 linear | gated (nn.Linear, or the release's gated-MLP adapter), --adapter-lr-scale (the adapter's lr as a
 multiple of --lr), --streams-mean (omni: scale the inputs as the model's mean over its 8 streams does —
-words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults), --norm
-rmsnorm | layernorm (omni: the blocks' norm), --positions rope | learned, --head tied | untied
-(omni).
+words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults), --mlp
+swiglu | gelu (omni: the blocks' MLP), --norm rmsnorm | layernorm (omni: the blocks' norm), --positions rope |
+learned, --head tied | untied (omni).
 
     python scripts/probe_lookup.py --run runs/long --body omni --heads 4 --groups 4 --adapter gated \\
         --streams-mean --adapter-lr-scale 10 --out runs/probe-lookup/h4-gated-lr10.json
@@ -96,8 +96,12 @@ class Reader(nn.Module):
                          padded_vocab_size=text_vocab + 7 * 4160,
                          whisper_adapter_dim=feat_dim, vision_adapter_dim=feat_dim, block_size=128)
             self.lm = OmniLM(cfg)
+            if a.mlp == "gelu":  # the nanoGPT body's MLP (with biases) in the OmniLM blocks, before the init
+                for block in self.lm.transformer.h:
+                    block.mlp = nn.Sequential(nn.Linear(a.width, 4 * a.width), nn.GELU(),
+                                              nn.Linear(4 * a.width, a.width))
             if a.init == "recipe":
-                init_weights(self.lm, 0.02, zero_audio_pad=True)
+                init_weights(self.lm, a.init_std, a.embedding_std, zero_audio_pad=True)
             else:  # PyTorch's defaults, as the nanoGPT body starts (nn.Linear: uniform +-1/sqrt(fan_in); table N(0, 1))
                 for m in self.lm.modules():
                     if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -174,6 +178,11 @@ def main(argv=None) -> int:
     ap.add_argument("--streams-mean", action="store_true")
     ap.add_argument("--init", choices=("recipe", "torch"), default="recipe",
                     help="omni: loop.init_weights (the recipe's) or PyTorch's default initialisation")
+    ap.add_argument("--init-std", type=float, default=0.02, help="omni, --init recipe: the matrices' std")
+    ap.add_argument("--embedding-std", type=float, default=None,
+                    help="omni, --init recipe: the embedding table's std (default: 8 x --init-std, as the recipe)")
+    ap.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
+                    help="omni: the blocks' MLP (the release's SwiGLU without biases, or nanoGPT's GELU with them)")
     ap.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm", help="omni: the blocks' norm")
     ap.add_argument("--positions", choices=("rope", "learned"), default="rope",
                     help="omni: rotary positions (the release's) or learned absolute ones")
@@ -188,9 +197,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or a.norm != "rmsnorm"
-                           or a.positions != "rope" or a.head != "tied"):
-        ap.error("--groups, --streams-mean, --init, --norm, --positions and --head are knobs of --body omni")
+    drawn = a.init_std != 0.02 or a.embedding_std is not None
+    if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or drawn or a.mlp != "swiglu"
+                           or a.norm != "rmsnorm" or a.positions != "rope" or a.head != "tied"):
+        ap.error("--groups, --streams-mean, --init, --init-std, --embedding-std, --mlp, --norm, --positions and "
+                 "--head are knobs of --body omni")
+    if a.init == "torch" and drawn:
+        ap.error("--init-std and --embedding-std set the recipe's init: use them with --init recipe")
     if a.width % a.heads or (a.groups and a.heads % a.groups):
         ap.error(f"--width {a.width} must split into --heads {a.heads}, and the heads into --groups {a.groups}")
     run = Path(a.run)

@@ -60,8 +60,9 @@ def test_questions_are_colour_and_shape_lookups_in_the_split_phrasings(probe, ru
     ["--body", "gpt", "--heads", "2"],
     ["--body", "omni", "--heads", "2", "--groups", "1", "--adapter", "gated", "--streams-mean",
      "--adapter-lr-scale", "10"],
-    ["--body", "omni", "--heads", "2", "--init", "torch", "--norm", "layernorm", "--positions", "learned",
-     "--head", "untied"],
+    ["--body", "omni", "--heads", "2", "--init", "torch", "--mlp", "gelu", "--norm", "layernorm",
+     "--positions", "learned", "--head", "untied"],
+    ["--body", "omni", "--heads", "2", "--init-std", "0.05", "--embedding-std", "0.1"],
 ])
 def test_a_short_run_trains_and_writes_its_curve(probe, run, tmp_path, args):
     out = tmp_path / "c.json"
@@ -84,6 +85,9 @@ def test_probe_refuses_bad_arguments_by_name(probe, run, tmp_path, capsys):
     for args, message in (([], "ViT-B-32.pt is missing: --run takes a folder that scripts/train_small.py wrote"),
                           (["--run", str(run), "--body", "gpt", "--streams-mean"], "knobs of --body omni"),
                           (["--run", str(run), "--body", "gpt", "--norm", "layernorm"], "knobs of --body omni"),
+                          (["--run", str(run), "--body", "gpt", "--mlp", "gelu"], "knobs of --body omni"),
+                          (["--run", str(run), "--body", "gpt", "--init-std", "0.05"], "knobs of --body omni"),
+                          (["--run", str(run), "--init", "torch", "--init-std", "0.05"], "use them with --init recipe"),
                           (["--run", str(run), "--heads", "3"], "--width 128 must split into --heads 3")):
         with pytest.raises(SystemExit):
             probe.main(["--run", str(tmp_path), "--out", str(tmp_path / "o.json"), *args])
@@ -93,16 +97,27 @@ def test_probe_refuses_bad_arguments_by_name(probe, run, tmp_path, capsys):
 def test_omni_knobs_change_the_blocks_and_their_start(probe):
     import argparse
 
-    from omnitalk.model.llm import RMSNorm
+    from omnitalk.model.llm import GatedMLP, RMSNorm
 
     base = dict(body="omni", layers=1, width=32, heads=2, groups=1, adapter="linear", streams_mean=False)
-    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", norm="rmsnorm", positions="rope", head="tied"), 10, 16)
-    other = probe.Reader(argparse.Namespace(**base, init="torch", norm="layernorm", positions="learned", head="untied"), 10, 16)
+    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", init_std=0.02, embedding_std=None, mlp="swiglu",
+                                             norm="rmsnorm", positions="rope", head="tied"), 10, 16)
+    other = probe.Reader(argparse.Namespace(**base, init="torch", init_std=0.02, embedding_std=None, mlp="gelu",
+                                            norm="layernorm", positions="learned", head="untied"), 10, 16)
+    wider = probe.Reader(argparse.Namespace(**base, init="recipe", init_std=0.05, embedding_std=0.1, mlp="gelu",
+                                            norm="rmsnorm", positions="rope", head="tied"), 10, 16)
     w = recipe.lm.transformer.h[0].attn.attn.weight.detach()
     assert float(w.std()) == pytest.approx(0.02, rel=0.2)   # loop.init_weights
     w = other.lm.transformer.h[0].attn.attn.weight.detach()
     assert float(w.abs().max()) <= 32 ** -0.5 and float(w.std()) > 0.1  # nn.Linear's uniform +-1/sqrt(fan_in)
     assert float(other.lm.transformer.wte.weight.detach().std()) == pytest.approx(1.0, rel=0.05)
+    assert float(recipe.lm.transformer.wte.weight.detach().std()) == pytest.approx(0.16, rel=0.05)  # 8 x 0.02
+    assert float(wider.lm.transformer.h[0].attn.attn.weight.detach().std()) == pytest.approx(0.05, rel=0.2)
+    assert float(wider.lm.transformer.wte.weight.detach().std()) == pytest.approx(0.1, rel=0.05)
+    assert isinstance(recipe.lm.transformer.h[0].mlp, GatedMLP)
+    gelu = wider.lm.transformer.h[0].mlp  # nanoGPT's MLP, drawn by the recipe's init (zero biases)
+    assert isinstance(gelu[1], torch.nn.GELU) and gelu[0].weight.shape == (128, 32) and not gelu[0].bias.any()
+    assert float(gelu[2].weight.detach().std()) == pytest.approx(0.05, rel=0.2)
     assert isinstance(recipe.lm.transformer.h[0].norm_1, RMSNorm)
     assert all(isinstance(m, torch.nn.LayerNorm) for m in (other.lm.transformer.h[0].norm_1,
                                                            other.lm.transformer.h[0].norm_2, other.lm.transformer.ln_f))
