@@ -14,7 +14,9 @@ Steps (each is skipped when its output exists, so a re-run resumes at the first 
   2. world     `omnitalk.train.world.make_world`: espeak-ng questions in varied voice settings, Pillow
                images, answers in the model's fixed voice, interruption clips; held-out sentences and
                held-out voice settings form eval.jsonl / interrupt_eval.jsonl. Answer audio and
-               interruption audio become SNAC frames with the random codec.
+               interruption audio become SNAC frames with the random codec. With `world.pictures: {n, weight}`
+               also n written picture questions on distinct scenes (`world.make_pictures`, pictures.jsonl),
+               sampled at `weight` each next to the world's records.
   3. features  the frozen encoders' outputs cached once (`omnitalk.train.data.FeatureCache`).
   4. train     stage 1 (adapters only, text answers) -> stage 2 (LLM only, text answers) -> stage 3
                (LLM + adapters, every task with spoken answers, plus interruption); each stage starts from
@@ -289,12 +291,31 @@ def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
     return out
 
 
+def make_pictures_step(world: Path, rc: dict, seed: int) -> Path | None:
+    """`world.pictures: {n, weight}`: n more written picture questions on distinct scenes
+    (world.make_pictures, `<world>/pictures.jsonl`; skipped when it exists with n records)."""
+    from omnitalk.train.world import make_pictures
+
+    p = rc["world"].get("pictures")
+    if not p or not p.get("n"):
+        return None
+    path = world / "pictures.jsonl"
+    if path.is_file() and sum(1 for line in path.open() if line.strip()) == p["n"]:
+        return path
+    meta = json.loads((world / "world.json").read_text())
+    return make_pictures(world, p["n"], seed, held_out_fraction=meta["held_out_fraction"],
+                         image_size=meta["image_size"], image_layout=meta["image_layout"],
+                         answer_prefix=meta.get("answer_prefix", ""), progress=rc.get("progress", True))
+
+
 def prepare_features(world: Path, assets: Path, progress: bool) -> dict:
     from omnitalk.train.data import FeatureCache, read_manifest
     from omnitalk.train.loop import _encoders_from_dir
 
     cache = FeatureCache(world / "features", _encoders_from_dir(assets))
     recs = read_manifest(world / "train.jsonl") + read_manifest(world / "eval.jsonl")
+    if (world / "pictures.jsonl").is_file():
+        recs += read_manifest(world / "pictures.jsonl")
     return cache.prepare(recs, progress=progress, batch_size=16)
 
 
@@ -327,6 +348,9 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
 def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> dict:
     s = rc["stages"][stage]
     train = [{"path": str(world / "train.jsonl"), "weight": 1.0}]
+    pictures = rc["world"].get("pictures")
+    if pictures and pictures.get("n"):  # each extra picture at its own weight (their total: n x weight records)
+        train.append({"path": str(world / "pictures.jsonl"), "weight": pictures["weight"]})
     evals = [str(world / "eval.jsonl")]
     if stage == 3:
         train.append({"path": str(world / "interrupt_train.jsonl"), "weight": s.get("interrupt_weight", 1.0)})
@@ -529,6 +553,8 @@ def main(argv=None) -> int:
     world = out / "world"
     with T("world"):
         make_world_dir(world, rc, assets, seed)
+    with T("pictures"):
+        make_pictures_step(world, rc, seed)
     shutil.copyfile(world / "tokenizer.json", assets / "tokenizer.json")
     stage0 = None
     if rc.get("stage0"):

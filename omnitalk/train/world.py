@@ -36,6 +36,7 @@ tokenizer.json (ids 0..V-1; the small model's text_vocab_size must be >= V + 64 
 Files under out_dir: train.jsonl, eval.jsonl, [interrupt_train.jsonl, interrupt_eval.jsonl],
 tokenizer.json, world.json (what was made, with which voices and seed), audio/q/*.wav (16 kHz questions),
 audio/a/*.wav (24 kHz answers), images/*.png, interrupt/*.wav. Deterministic for a given seed and synth.
+`make_pictures` adds pictures.jsonl: many more written picture questions on distinct scenes (no synthesis).
 """
 from __future__ import annotations
 
@@ -581,6 +582,41 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     }
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return info
+
+
+def make_pictures(out_dir, n: int, seed: int = 0, *, held_out_fraction: float = 0.15, image_size: int = 224,
+                  image_layout: str = "free", answer_prefix: str = "", families: Sequence[str] | None = None,
+                  progress: bool = True) -> Path:
+    """`n` more written picture questions (kind it2t) for the training side of the world in `out_dir`:
+    the training phrasings, each on a freshly drawn scene, in `<out_dir>/pictures.jsonl` (ids
+    `pic-NNNNNN-it2t`, images in `images/`). A picture costs milliseconds and no synthesis, so a world can
+    have many more distinct scenes than spoken records; the world's own records stay as they were (a
+    separate manifest, seeded apart from them), so a stage 0 trained on the world still applies.
+    `families`: the picture families to ask (default: count, color and shape)."""
+    from tqdm.auto import tqdm
+
+    if image_layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    pool = _Pools(seed, held_out_fraction, held=False).image
+    if families is not None:
+        unknown = set(families) - {"count", "color", "shape"}
+        if unknown or not families:
+            raise ValueError(f"families must be some of count, color, shape; got {sorted(families)}")
+        pool = [x for x in pool if x[0] in families]
+    records = []
+    for i in tqdm(range(n), desc="pictures", unit="picture", disable=not progress):
+        rid = f"pic-{i:06d}-it2t"
+        rng = random.Random(f"{seed}:pictures:{i}")
+        family, key, question = rng.choice(pool)
+        image, answer = image_question(family, key, question, image_size, rng, image_layout)
+        ipath = out / "images" / f"{rid}.png"
+        image.save(ipath, format="PNG")
+        records.append(make_record(rid, "qa", question_text=question, question_image=str(ipath.resolve()),
+                                   answer_text=with_prefix(answer, answer_prefix), speak=False, kind="it2t",
+                                   split="train", family=family))
+    return write_manifest(records, out / "pictures.jsonl")
 
 
 def spoken_copy(record: dict, synth: Synth, voices: VoiceSpace, audio_dir: Path) -> dict:

@@ -127,3 +127,31 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     rc["world"]["answer_synth"] = "festival"
     with pytest.raises(SystemExit, match="world.answer_synth must be espeak or piper, got 'festival'"):
         ts.make_world_dir(tmp_path / "world2", rc, assets, 0)
+
+
+def test_recipe_pictures_join_the_training_data(tmp_path):
+    """world.pictures: {n, weight}: n written picture questions on their own scenes (pictures.jsonl) next
+    to the world, their CLIP features cached with the world's, and every stage samples them at `weight`."""
+    ts = _recipe()
+    rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
+    rc["progress"] = False
+    rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "image_layout": "grid"}
+    assets = ts.make_assets(tmp_path / "assets", rc, 0)
+    world = ts.make_world_dir(tmp_path / "world", rc, assets, 0)
+    before = (world / "train.jsonl").read_bytes()
+    assert ts.make_pictures_step(world, rc, 0) is None and not (world / "pictures.jsonl").exists()  # not asked for
+    rc["world"]["pictures"] = {"n": 6, "weight": 0.25}
+    path = ts.make_pictures_step(world, rc, 0)
+    recs = read_manifest(path)
+    assert len(recs) == 6 and (world / "train.jsonl").read_bytes() == before  # the world is as it was
+    stamp = path.stat().st_mtime_ns
+    assert ts.make_pictures_step(world, rc, 0) == path and path.stat().st_mtime_ns == stamp  # done: skipped
+    feats = ts.prepare_features(world, assets, False)
+    n_world_images = sum(1 for r in read_manifest(world / "train.jsonl") + read_manifest(world / "eval.jsonl")
+                         if r["question_image"])
+    assert feats["image"]["misses"] == n_world_images + 6
+    for stage in (1, 2, 3):
+        train = ts.stage_config(rc, stage, world, assets, tmp_path / "o", None)["data"]["train"]
+        assert {"path": str(world / "pictures.jsonl"), "weight": 0.25} in train
+    rc["world"]["pictures"] = {"n": 8, "weight": 0.25}  # another n: drawn again
+    assert len(read_manifest(ts.make_pictures_step(world, rc, 0))) == 8

@@ -295,3 +295,33 @@ def test_cmd_records_teach_asr_the_stop_command(tmp_path):
     tok = TextTokenizer(info.tokenizer)
     assert tok.decode(tok.encode("stop omni")) == "stop omni" and tok.decode(tok.encode("go on omni")) == "go on omni"
     assert not {"stop", "omni", "hey"} & set(W.world_words())
+
+
+def test_make_pictures_adds_distinct_training_scenes_without_touching_the_world(tmp_path):
+    path = W.make_pictures(tmp_path, 30, seed=0, image_layout="grid", answer_prefix="the answer is", progress=False)
+    assert path == tmp_path / "pictures.jsonl"
+    recs = read_manifest(path)
+    assert [r["id"] for r in recs] == [f"pic-{i:06d}-it2t" for i in range(30)]
+    train_q = {q for _, _, q in W._Pools(0, 0.15, held=False).image}
+    held_q = {q for _, _, q in W._Pools(0, 0.15, held=True).image}
+    digests = set()
+    for r in recs:
+        assert r["task"] == "qa" and r["kind"] == "it2t" and r["split"] == "train" and not r["speak"]
+        assert r["question_text"] in train_q and r["question_text"] not in held_q  # training phrasings only
+        assert r["answer_text"].startswith("the answer is ") and r["question_audio"] is None
+        digests.add(hashlib.sha256((tmp_path / "images" / f"{r['id']}.png").read_bytes()).hexdigest())
+    assert len(digests) == 30                                   # every scene drawn anew
+    assert {r["family"] for r in recs} == {"count", "color", "shape"}
+    # the same seed draws the same pictures; the world's own files are not written
+    again = read_manifest(W.make_pictures(tmp_path / "b", 30, seed=0, image_layout="grid",
+                                          answer_prefix="the answer is", progress=False))
+    assert [(r["question_text"], r["answer_text"]) for r in again] == [(r["question_text"], r["answer_text"])
+                                                                        for r in recs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "images", "pictures.jsonl"]
+    # one family only; bad arguments are refused by name
+    only = read_manifest(W.make_pictures(tmp_path / "c", 12, families=["color"], progress=False))
+    assert {r["family"] for r in only} == {"color"} and all(r["answer_text"] in W.COLORS for r in only)
+    with pytest.raises(ValueError, match="families must be some of count, color, shape; got \\['size'\\]"):
+        W.make_pictures(tmp_path / "d", 2, families=["size"])
+    with pytest.raises(ValueError, match="image_layout must be one of"):
+        W.make_pictures(tmp_path / "d", 2, image_layout="spiral")
