@@ -291,13 +291,25 @@ def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
     return out
 
 
+def pictures_key(rc: dict) -> dict | None:
+    """The recipe's `world.pictures: {n, weight}`, checked; None when absent or n is 0."""
+    p = rc["world"].get("pictures")
+    if p is None:
+        return None
+    if not isinstance(p, dict) or set(p) != {"n", "weight"} or not isinstance(p["n"], int) or p["n"] < 0 \
+            or not isinstance(p["weight"], (int, float)) or p["weight"] <= 0:
+        raise SystemExit(f"recipe key world.pictures must be {{n: pictures >= 0, weight: > 0}} "
+                         f"(e.g. {{n: 20000, weight: 0.1}}), got {p!r}")
+    return p if p["n"] else None
+
+
 def make_pictures_step(world: Path, rc: dict, seed: int) -> Path | None:
     """`world.pictures: {n, weight}`: n more written picture questions on distinct scenes
     (world.make_pictures, `<world>/pictures.jsonl`; skipped when it exists with n records)."""
     from omnitalk.train.world import make_pictures
 
-    p = rc["world"].get("pictures")
-    if not p or not p.get("n"):
+    p = pictures_key(rc)
+    if p is None:
         return None
     path = world / "pictures.jsonl"
     if path.is_file() and sum(1 for line in path.open() if line.strip()) == p["n"]:
@@ -348,8 +360,8 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
 def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> dict:
     s = rc["stages"][stage]
     train = [{"path": str(world / "train.jsonl"), "weight": 1.0}]
-    pictures = rc["world"].get("pictures")
-    if pictures and pictures.get("n"):  # each extra picture at its own weight (their total: n x weight records)
+    pictures = pictures_key(rc)
+    if pictures:  # each extra picture at its own weight (their total: n x weight records)
         train.append({"path": str(world / "pictures.jsonl"), "weight": pictures["weight"]})
     evals = [str(world / "eval.jsonl")]
     if stage == 3:

@@ -155,3 +155,11 @@ def test_recipe_pictures_join_the_training_data(tmp_path):
         assert {"path": str(world / "pictures.jsonl"), "weight": 0.25} in train
     rc["world"]["pictures"] = {"n": 8, "weight": 0.25}  # another n: drawn again
     assert len(read_manifest(ts.make_pictures_step(world, rc, 0))) == 8
+    for bad in ({"n": 8}, {"n": -1, "weight": 0.1}, {"n": 8, "weight": 0}, 8):
+        rc["world"]["pictures"] = bad
+        with pytest.raises(SystemExit, match="world.pictures must be \\{n: pictures >= 0, weight: > 0\\}"):
+            ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)
+    rc["world"]["pictures"] = {"n": 0, "weight": 0.1}  # none asked for
+    assert ts.make_pictures_step(world, rc, 0) is None
+    assert all("pictures" not in e["path"] for e in ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)
+               ["data"]["train"])
