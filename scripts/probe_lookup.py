@@ -13,9 +13,10 @@ phrasings every `--eval-every` steps. Two bodies, both 4 layers wide 128 by defa
 and the knobs that separate them: --heads / --groups (omni: query heads / key-value groups), --adapter
 linear | gated (nn.Linear, or the release's gated-MLP adapter), --adapter-lr-scale (the adapter's lr as a
 multiple of --lr), --streams-mean (omni: scale the inputs as the model's mean over its 8 streams does —
-words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults), --mlp
-swiglu | gelu (omni: the blocks' MLP), --norm rmsnorm | layernorm (omni: the blocks' norm), --positions rope |
-learned, --head tied | untied (omni).
+words / 8, pictures x 7/8), --init recipe | torch (omni: the recipe's init or PyTorch's defaults;
+--init-std, --embedding-std and --final-norm-init change the recipe's), --mlp swiglu | gelu (omni: the
+blocks' MLP), --norm rmsnorm | layernorm (omni: the blocks' norm), --positions rope | learned, --head
+tied | untied (omni).
 
     python scripts/probe_lookup.py --run runs/long --body omni --heads 4 --groups 4 --adapter gated \\
         --streams-mean --adapter-lr-scale 10 --out runs/probe-lookup/h4-gated-lr10.json
@@ -106,6 +107,8 @@ class Reader(nn.Module):
                 for m in self.lm.modules():
                     if isinstance(m, (nn.Linear, nn.Embedding)):
                         m.reset_parameters()
+            if a.final_norm_init != 1.0:  # the final norm's start: scales the tied head's first logits
+                nn.init.constant_(self.lm.transformer.ln_f.weight, a.final_norm_init)
             if a.norm == "layernorm":  # the nanoGPT body's norm in the OmniLM blocks
                 for block in self.lm.transformer.h:
                     block.norm_1, block.norm_2 = nn.LayerNorm(a.width), nn.LayerNorm(a.width)
@@ -181,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--init-std", type=float, default=0.02, help="omni, --init recipe: the matrices' std")
     ap.add_argument("--embedding-std", type=float, default=None,
                     help="omni, --init recipe: the embedding table's std (default: 8 x --init-std, as the recipe)")
+    ap.add_argument("--final-norm-init", type=float, default=1.0,
+                    help="omni: the final RMSNorm's initial weight (with a wide --embedding-std, 1/8 keeps the "
+                         "tied head's first logits at the recipe's scale)")
     ap.add_argument("--mlp", choices=("swiglu", "gelu"), default="swiglu",
                     help="omni: the blocks' MLP (the release's SwiGLU without biases, or nanoGPT's GELU with them)")
     ap.add_argument("--norm", choices=("rmsnorm", "layernorm"), default="rmsnorm", help="omni: the blocks' norm")
@@ -197,13 +203,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    drawn = a.init_std != 0.02 or a.embedding_std is not None
+    drawn = a.init_std != 0.02 or a.embedding_std is not None or a.final_norm_init != 1.0
     if a.body == "gpt" and (a.groups is not None or a.streams_mean or a.init != "recipe" or drawn or a.mlp != "swiglu"
                            or a.norm != "rmsnorm" or a.positions != "rope" or a.head != "tied"):
-        ap.error("--groups, --streams-mean, --init, --init-std, --embedding-std, --mlp, --norm, --positions and "
-                 "--head are knobs of --body omni")
+        ap.error("--groups, --streams-mean, --init, --init-std, --embedding-std, --final-norm-init, --mlp, --norm, "
+                 "--positions and --head are knobs of --body omni")
     if a.init == "torch" and drawn:
-        ap.error("--init-std and --embedding-std set the recipe's init: use them with --init recipe")
+        ap.error("--init-std, --embedding-std and --final-norm-init set the recipe's init: use them with --init recipe")
     if a.width % a.heads or (a.groups and a.heads % a.groups):
         ap.error(f"--width {a.width} must split into --heads {a.heads}, and the heads into --groups {a.groups}")
     run = Path(a.run)

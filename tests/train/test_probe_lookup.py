@@ -62,7 +62,7 @@ def test_questions_are_colour_and_shape_lookups_in_the_split_phrasings(probe, ru
      "--adapter-lr-scale", "10"],
     ["--body", "omni", "--heads", "2", "--init", "torch", "--mlp", "gelu", "--norm", "layernorm",
      "--positions", "learned", "--head", "untied"],
-    ["--body", "omni", "--heads", "2", "--init-std", "0.05", "--embedding-std", "0.1"],
+    ["--body", "omni", "--heads", "2", "--init-std", "0.05", "--embedding-std", "0.1", "--final-norm-init", "0.5"],
 ])
 def test_a_short_run_trains_and_writes_its_curve(probe, run, tmp_path, args):
     out = tmp_path / "c.json"
@@ -100,12 +100,16 @@ def test_omni_knobs_change_the_blocks_and_their_start(probe):
     from omnitalk.model.llm import GatedMLP, RMSNorm
 
     base = dict(body="omni", layers=1, width=32, heads=2, groups=1, adapter="linear", streams_mean=False)
-    recipe = probe.Reader(argparse.Namespace(**base, init="recipe", init_std=0.02, embedding_std=None, mlp="swiglu",
-                                             norm="rmsnorm", positions="rope", head="tied"), 10, 16)
-    other = probe.Reader(argparse.Namespace(**base, init="torch", init_std=0.02, embedding_std=None, mlp="gelu",
-                                            norm="layernorm", positions="learned", head="untied"), 10, 16)
-    wider = probe.Reader(argparse.Namespace(**base, init="recipe", init_std=0.05, embedding_std=0.1, mlp="gelu",
-                                            norm="rmsnorm", positions="rope", head="tied"), 10, 16)
+
+    def reader(**knobs):
+        return probe.Reader(argparse.Namespace(**base, **knobs), 10, 16)
+
+    recipe = reader(init="recipe", init_std=0.02, embedding_std=None, final_norm_init=1.0, mlp="swiglu",
+                    norm="rmsnorm", positions="rope", head="tied")
+    other = reader(init="torch", init_std=0.02, embedding_std=None, final_norm_init=1.0, mlp="gelu",
+                   norm="layernorm", positions="learned", head="untied")
+    wider = reader(init="recipe", init_std=0.05, embedding_std=0.1, final_norm_init=0.25, mlp="gelu",
+                   norm="rmsnorm", positions="rope", head="tied")
     w = recipe.lm.transformer.h[0].attn.attn.weight.detach()
     assert float(w.std()) == pytest.approx(0.02, rel=0.2)   # loop.init_weights
     w = other.lm.transformer.h[0].attn.attn.weight.detach()
@@ -114,6 +118,8 @@ def test_omni_knobs_change_the_blocks_and_their_start(probe):
     assert float(recipe.lm.transformer.wte.weight.detach().std()) == pytest.approx(0.16, rel=0.05)  # 8 x 0.02
     assert float(wider.lm.transformer.h[0].attn.attn.weight.detach().std()) == pytest.approx(0.05, rel=0.2)
     assert float(wider.lm.transformer.wte.weight.detach().std()) == pytest.approx(0.1, rel=0.05)
+    assert bool((wider.lm.transformer.ln_f.weight == 0.25).all())  # the tied head's first logits / 4
+    assert bool((recipe.lm.transformer.ln_f.weight == 1).all())
     assert isinstance(recipe.lm.transformer.h[0].mlp, GatedMLP)
     gelu = wider.lm.transformer.h[0].mlp  # nanoGPT's MLP, drawn by the recipe's init (zero biases)
     assert isinstance(gelu[1], torch.nn.GELU) and gelu[0].weight.shape == (128, 32) and not gelu[0].bias.any()

@@ -161,5 +161,5 @@ def test_recipe_pictures_join_the_training_data(tmp_path):
             ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)
     rc["world"]["pictures"] = {"n": 0, "weight": 0.1}  # none asked for
     assert ts.make_pictures_step(world, rc, 0) is None
-    assert [Path(e["path"]).name for e in ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)["data"]["train"]] \
-        == ["train.jsonl", "interrupt_train.jsonl"]
+    train = ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)["data"]["train"]
+    assert [Path(e["path"]).name for e in train] == ["train.jsonl", "interrupt_train.jsonl"]
