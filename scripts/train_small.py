@@ -320,14 +320,14 @@ def make_pictures_step(world: Path, rc: dict, seed: int) -> Path | None:
                          answer_prefix=meta.get("answer_prefix", ""), progress=rc.get("progress", True))
 
 
-def prepare_features(world: Path, assets: Path, progress: bool) -> dict:
+def prepare_features(world: Path, assets: Path, progress: bool, pictures: Path | None = None) -> dict:
     from omnitalk.train.data import FeatureCache, read_manifest
     from omnitalk.train.loop import _encoders_from_dir
 
     cache = FeatureCache(world / "features", _encoders_from_dir(assets))
     recs = read_manifest(world / "train.jsonl") + read_manifest(world / "eval.jsonl")
-    if (world / "pictures.jsonl").is_file():
-        recs += read_manifest(world / "pictures.jsonl")
+    if pictures is not None:  # the recipe's world.pictures (make_pictures_step)
+        recs += read_manifest(pictures)
     return cache.prepare(recs, progress=progress, batch_size=16)
 
 
@@ -566,14 +566,14 @@ def main(argv=None) -> int:
     with T("world"):
         make_world_dir(world, rc, assets, seed)
     with T("pictures"):
-        make_pictures_step(world, rc, seed)
+        pictures = make_pictures_step(world, rc, seed)
     shutil.copyfile(world / "tokenizer.json", assets / "tokenizer.json")
     stage0 = None
     if rc.get("stage0"):
         with T("train_stage0"):
             stage0 = run_stage0(rc, assets, world, seed)
     with T("features"):
-        feats = prepare_features(world, assets, rc.get("progress", True))
+        feats = prepare_features(world, assets, rc.get("progress", True), pictures)
     stages = [int(s) for s in args.stages.split(",") if s]
     init, train_wall, train_cpu = None, 0.0, 0.0
     if stage0 is not None:  # stage 0's own record when it ran in an earlier invocation

@@ -146,10 +146,11 @@ def test_recipe_pictures_join_the_training_data(tmp_path):
     assert len(recs) == 6 and (world / "train.jsonl").read_bytes() == before  # the world is as it was
     stamp = path.stat().st_mtime_ns
     assert ts.make_pictures_step(world, rc, 0) == path and path.stat().st_mtime_ns == stamp  # done: skipped
-    feats = ts.prepare_features(world, assets, False)
     n_world_images = sum(1 for r in read_manifest(world / "train.jsonl") + read_manifest(world / "eval.jsonl")
                          if r["question_image"])
-    assert feats["image"]["misses"] == n_world_images + 6
+    assert ts.prepare_features(world, assets, False)["image"]["misses"] == n_world_images  # not asked for: not read
+    feats = ts.prepare_features(world, assets, False, path)
+    assert feats["image"] == {"hits": n_world_images, "misses": 6}
     for stage in (1, 2, 3):
         train = ts.stage_config(rc, stage, world, assets, tmp_path / "o", None)["data"]["train"]
         assert {"path": str(world / "pictures.jsonl"), "weight": 0.25} in train
