@@ -109,13 +109,10 @@ def test_a_partial_checkpoint_is_an_error_not_the_demo(capsys, tmp_path):
 
 
 def _make_demo_script():
-    import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_model.py"
-    spec = importlib.util.spec_from_file_location("make_demo_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+    from omnitalk.testing import load_script
+    return load_script(Path(__file__).resolve().parents[1] / "scripts" / "make_demo_model.py")
 
 
 def test_make_demo_model_picks_the_stop_detector_that_measured_better(tmp_path):

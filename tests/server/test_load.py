@@ -2,10 +2,11 @@
 no audio chunk is lost, every session is freed, and memory does not keep growing from round to round."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from omnitalk.testing import load_script
 
 pytest.importorskip("fastapi")
 pytest.importorskip("websockets")
@@ -15,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("server_load", ROOT / "benchmarks" / "server_load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "benchmarks" / "server_load.py")
 
 
 def test_eight_sessions_lose_nothing_and_leave_nothing():

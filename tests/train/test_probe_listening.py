@@ -2,22 +2,20 @@
 that is present in the codes and generalises to held-out clips, and reports the recipe's metric."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 
+from omnitalk.testing import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = [[11, 12, 13, 14, 15, 16, 17], [21, 22, 23, 24, 25, 26, 27], [31, 32, 33, 34, 35, 36, 37]]
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("probe_listening", ROOT / "scripts" / "probe_listening.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "probe_listening.py")
 
 
 def _clips(n: int, seed: int, prefix: str) -> list[dict]:

@@ -2,13 +2,13 @@
 split, both bodies and every knob train and write their curve, and bad arguments are refused by name."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from omnitalk.testing import load_script
 from omnitalk.train import world as W
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,10 +17,7 @@ WORLD = {"seed": 0, "held_out_fraction": 0.15, "image_size": 224, "image_layout"
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe_lookup", ROOT / "scripts" / "probe_lookup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "probe_lookup.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ split, its scene-in-words control states the drawn scene, its feature transforms
 short run trains and writes its curve."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from omnitalk.testing import load_script
 from omnitalk.train import world as W
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,10 +20,7 @@ WORLD = {"seed": 0, "held_out_fraction": 0.15, "image_size": 224, "image_layout"
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("probe_visual", ROOT / "scripts" / "probe_visual.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "probe_visual.py")
 
 
 def test_questions_keep_the_split_and_the_scene_in_words_states_the_answer(probe):

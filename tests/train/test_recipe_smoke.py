@@ -4,7 +4,6 @@ the world) -> cached features -> stages 1-3 -> evaluation through the engine. As
 through OmniModel.from_pretrained with the same weights. Takes a few minutes on 2 CPU cores."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from omnitalk.testing import load_script
 from omnitalk.train.data import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,10 +21,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("train_small", ROOT / "scripts" / "train_small.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "train_small.py")
 
 
 def _rows(path: Path) -> list[dict]:
