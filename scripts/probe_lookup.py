@@ -89,8 +89,9 @@ class Reader(nn.Module):
             from omnitalk.config import preset
             from omnitalk.model.llm import OmniLM
             from omnitalk.train.loop import init_weights
+            from omnitalk.train.world import text_vocab_size
 
-            text_vocab = 64 * -(-(vocab + 64) // 64)
+            text_vocab = text_vocab_size(vocab)
             cfg = preset("mini-omni2", n_layer=a.layers, n_embd=a.width, n_head=a.heads,
                          n_query_groups=a.groups or a.heads, head_size=a.width // a.heads,
                          intermediate_size=4 * a.width, text_vocab_size=text_vocab, audio_vocab_size=4160,

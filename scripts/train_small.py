@@ -312,7 +312,7 @@ def make_pictures_step(world: Path, rc: dict, seed: int) -> Path | None:
     if p is None:
         return None
     path = world / "pictures.jsonl"
-    if path.is_file() and sum(1 for line in path.open() if line.strip()) == p["n"]:
+    if path.is_file() and sum(1 for line in path.read_text().splitlines() if line.strip()) == p["n"]:
         return path
     meta = json.loads((world / "world.json").read_text())
     return make_pictures(world, p["n"], seed, held_out_fraction=meta["held_out_fraction"],
@@ -336,8 +336,10 @@ def prepare_features(world: Path, assets: Path, progress: bool, pictures: Path |
 # ---------------------------------------------------------------------------------------------
 
 def model_section(rc: dict, world: Path, init: Path | None) -> dict:
+    from omnitalk.train.world import text_vocab_size
+
     vocab = json.loads((world / "world.json").read_text())["vocab_size"]
-    text_vocab = 64 * -(-(vocab + 64) // 64)  # the world's words + the 64 specials, rounded up to 64
+    text_vocab = text_vocab_size(vocab)  # the world's words + the 64 specials, rounded up to 64
     m = rc["model"]
     cfg = {"n_layer": m["n_layer"], "n_embd": m["n_embd"], "n_head": m["n_head"],
            "n_query_groups": m["n_query_groups"], "head_size": m["n_embd"] // m["n_head"],

@@ -274,6 +274,12 @@ IMAGE_LAYOUTS = ("free", "grid")
 GRID_CELLS = 7  # ViT-B/32 cuts a 224-px image into 7 x 7 patches of 32 px
 
 
+def check_image_layout(image_layout: str) -> None:
+    """Refuse an unknown `image_layout` before any picture is drawn (make_world, make_pictures)."""
+    if image_layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
+
+
 def place(scene: Scene, shapes: Sequence[tuple[str, str]], size: int, rng: random.Random, layout: str = "free",
           cells: int = GRID_CELLS) -> Scene:
     """Put shapes on the scene without overlap. `free`: anywhere, radius 12..28 px at 224 (a shape spans
@@ -343,6 +349,12 @@ def question_scene(family: str, key: str, size: int, rng: random.Random, layout:
 # ---------------------------------------------------------------------------------------------
 # tokenizer
 # ---------------------------------------------------------------------------------------------
+
+def text_vocab_size(n_words: int) -> int:
+    """The small model's `text_vocab_size` for a tokenizer of `n_words` ids: those, then the 64 text
+    specials, rounded up to a multiple of 64."""
+    return 64 * -(-(n_words + 64) // 64)
+
 
 def build_tokenizer(words: Sequence[str], path=None):
     """A word-level `tokenizers` Tokenizer: '<unk>' = 0, then the words in sorted order; lowercase,
@@ -464,8 +476,7 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     for sub in ("audio/q", "audio/a", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    if image_layout not in IMAGE_LAYOUTS:
-        raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
+    check_image_layout(image_layout)
     if answer_prefix and not re.fullmatch(r"[a-z ]+", answer_prefix.strip()):
         raise ValueError(f"answer_prefix must be lowercase words (the world's tokenizer is word-level), "
                          f"got {answer_prefix!r}")
@@ -595,8 +606,7 @@ def make_pictures(out_dir, n: int, seed: int = 0, *, held_out_fraction: float = 
     `families`: the picture families to ask (default: count, color and shape)."""
     from tqdm.auto import tqdm
 
-    if image_layout not in IMAGE_LAYOUTS:
-        raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {image_layout!r}")
+    check_image_layout(image_layout)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     pool = _Pools(seed, held_out_fraction, held=False).image

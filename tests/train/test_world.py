@@ -325,3 +325,9 @@ def test_make_pictures_adds_distinct_training_scenes_without_touching_the_world(
         W.make_pictures(tmp_path / "d", 2, families=["size"])
     with pytest.raises(ValueError, match="image_layout must be one of"):
         W.make_pictures(tmp_path / "d", 2, image_layout="spiral")
+
+
+def test_text_vocab_size_leaves_room_for_the_64_specials_in_multiples_of_64():
+    assert [W.text_vocab_size(n) for n in (1, 64, 65, 82, 128)] == [128, 128, 192, 192, 192]
+    tok = W.build_tokenizer(W.world_words())
+    assert W.text_vocab_size(tok.get_vocab_size()) >= tok.get_vocab_size() + 64
