@@ -133,16 +133,18 @@ def load_llm(ckpt: Path, cfg: Config, device="cpu", mode: str = "fp32", state_di
                 raise CheckpointError(f"{source} holds int8 weights; load it with mode='int8' (or convert the "
                                       "official checkpoint again without --mode int8)")
             quantize_lm(lm, "int8")
-    check_state_dict(sd, lm.state_dict(), source, ignore=("lm_head.weight",))
-    head = sd.get("lm_head.weight")
+    tied = cfg.tie_word_embeddings
+    check_state_dict(sd, lm.state_dict(), source, ignore=("lm_head.weight",) if tied else ())
+    head = sd.get("lm_head.weight") if tied else None
     # Quirk Q3: the release ties the head to wte and its loader overwrites the shared tensor with
-    # `transformer.wte.weight`; the stored `lm_head.weight` is never used.
+    # `transformer.wte.weight`; the stored `lm_head.weight` is never used. Untied (tie_word_embeddings:
+    # false, a small model's option), the stored head is the head, as the official loader has it too.
     tied_equal = None if head is None else bool(torch.equal(head, sd["transformer.wte.weight"]))
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and not stored_int8 else v.to(device)
-          for k, v in sd.items() if k != "lm_head.weight"}
+          for k, v in sd.items() if not (tied and k == "lm_head.weight")}
     lm.load_state_dict(sd, strict=False, assign=True)
-    if not stored_int8:
+    if tied and not stored_int8:
         lm.lm_head.weight = lm.transformer.wte.weight
     cos, sin = rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base)
     lm.rope_cos, lm.rope_sin = cos.to(device), sin.to(device)
@@ -170,7 +172,8 @@ def convert(src: str | Path, dst: str | Path, mode: str = "fp32") -> Path:
     lm = load_llm(src, cfg, mode=mode)
     whisper = load_whisper_encoder(src / "small.pt")
     clip = load_clip_vision(next(src / f for f in CLIP_FILES if (src / f).is_file()))
-    tensors = {f"llm.{k}": v for k, v in lm.state_dict().items() if k != "lm_head.weight" and v is not None}
+    tensors = {f"llm.{k}": v for k, v in lm.state_dict().items()
+               if not (cfg.tie_word_embeddings and k == "lm_head.weight") and v is not None}
     tensors |= {f"whisper.{k}": v for k, v in whisper.state_dict().items()}
     tensors |= {f"clip.{k}": v for k, v in clip.state_dict().items()}
     dst.mkdir(parents=True, exist_ok=True)
@@ -192,8 +195,9 @@ def source_tensors(src: str | Path) -> dict[str, torch.Tensor]:
     from omnitalk.model.clip import read_state_dict
 
     src = Path(src)
+    tied = Config.from_file(src / "model_config.yaml").tie_word_embeddings
     out = {f"llm.{k}": v for k, v in read_torch_file(src / "lit_model.pth").items()
-           if k != "lm_head.weight"}  # the release ties the head to wte; the stored head is never used
+           if not (tied and k == "lm_head.weight")}  # the release ties the head to wte; its stored head is unused
     whisper = read_torch_file(src / "small.pt")
     out |= {f"whisper.{k[len('encoder.'):]}": v for k, v in whisper["model_state_dict"].items()
             if k.startswith("encoder.")}

@@ -64,6 +64,10 @@ class Int8Linear(nn.Module):
         y = int8_matmul(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def logits(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
+        """An untied output head's rows `rows` only (OmniLM._head)."""
+        return int8_matmul(h, self.weight[rows], self.scales[rows])
+
 
 class Int8Embedding(nn.Module):
     """Embedding table in int8 with one scale per row; also serves as the tied output head."""
@@ -93,13 +97,15 @@ def quantize_lm(lm, mode: str):
         return lm
     if mode == "bf16":
         return lm.to(torch.bfloat16)
+    tied = lm.cfg.tie_word_embeddings
     for name, module in list(lm.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child is not lm.lm_head:
-                setattr(module, child_name, Int8Linear(child))
+            if isinstance(child, nn.Linear) and not (tied and child is lm.lm_head):
+                setattr(module, child_name, Int8Linear(child))  # an untied head too
     lm.transformer.wte = Int8Embedding(lm.transformer.wte)
-    del lm.lm_head  # the head is the (quantised) embedding table
-    lm.lm_head = None
+    if tied:
+        del lm.lm_head  # the head is the (quantised) embedding table
+        lm.lm_head = None
     return fp32_norms(lm)
 
 

@@ -105,9 +105,7 @@ class Reader(nn.Module):
             if a.init == "recipe":
                 init_weights(self.lm, a.init_std, a.embedding_std, zero_audio_pad=True)
             else:  # PyTorch's defaults, as the nanoGPT body starts (nn.Linear: uniform +-1/sqrt(fan_in); table N(0, 1))
-                for m in self.lm.modules():
-                    if isinstance(m, (nn.Linear, nn.Embedding)):
-                        m.reset_parameters()
+                init_weights(self.lm, a.init_std, style="pytorch")
             if a.final_norm_init != 1.0:  # the final norm's start: scales the tied head's first logits
                 nn.init.constant_(self.lm.transformer.ln_f.weight, a.final_norm_init)
             if a.norm == "layernorm":  # the nanoGPT body's norm in the OmniLM blocks

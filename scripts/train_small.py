@@ -350,8 +350,11 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
         cfg["audio_pool"] = m["audio_pool"]
     if m.get("audio_compress", "none") != "none":
         cfg["audio_compress"] = m["audio_compress"]
+    if not m.get("tie_word_embeddings", True):  # an output head of its own (the release ties it to the table)
+        cfg["tie_word_embeddings"] = False
     sec = {"preset": "mini-omni2", "config": cfg, "tokenizer": str(world / "tokenizer.json"),
-           "init_std": m.get("init_std", 0.02), "dropout": m.get("dropout", 0.0)}
+           "init_style": m.get("init_style", "gpt"), "init_std": m.get("init_std", 0.02),
+           "dropout": m.get("dropout", 0.0)}
     if init is None:
         sec["init"] = "random"
     else:

@@ -202,7 +202,8 @@ class Block(nn.Module):
 
 
 class OmniLM(nn.Module):
-    """Decoder over 8 streams: embeddings summed and divided by 8, one tied head sliced per stream."""
+    """Decoder over 8 streams: embeddings summed and divided by 8, one head (tied to the table, as released)
+    sliced per stream."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -217,9 +218,11 @@ class OmniLM(nn.Module):
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=RMSNorm(C, cfg.norm_eps),
         ))
-        # tie_word_embeddings: the output head *is* the embedding table (quirk Q3: the file's separate
-        # lm_head.weight is overwritten at load by the reference, so we never use it)
-        self.lm_head.weight = self.transformer.wte.weight
+        if cfg.tie_word_embeddings:
+            # the release: the output head *is* the embedding table (quirk Q3: the file's separate
+            # lm_head.weight is overwritten at load by the reference, so we never use it). Untied (a small
+            # model's option, as Qwen2's larger models have it): lm_head is a matrix of its own.
+            self.lm_head.weight = self.transformer.wte.weight
         cos, sin = rope_cache(cfg.block_size, cfg.head_size, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -322,11 +325,11 @@ class OmniLM(nn.Module):
                 for _ in self.transformer.h]
 
     def _head(self, h: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Only the rows of the tied head that are asked for: each step reads each head row once."""
-        wte = self.transformer.wte
-        if hasattr(wte, "logits"):  # int8 table (omnitalk.quant.Int8Embedding)
-            return wte.logits(h, rows)
-        return linear(h, wte.weight[rows])
+        """Only the rows of the output head that are asked for: each step reads each head row once."""
+        head = self.transformer.wte if self.cfg.tie_word_embeddings else self.lm_head
+        if hasattr(head, "logits"):  # int8 (omnitalk.quant.Int8Embedding / Int8Linear)
+            return head.logits(h, rows)
+        return linear(h, head.weight[rows])
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., C) -> (..., text_vocab_size)."""

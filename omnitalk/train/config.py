@@ -1,7 +1,7 @@
 """TrainConfig: one YAML file describes a training run (see configs/*.yaml for commented examples).
 
-    model:     preset / config overrides / config_path, init (random | checkpoint), checkpoint, tokenizer,
-               init_std, dropout (residual, training only)
+    model:     preset / config overrides / config_path, init (random | checkpoint | qwen2), checkpoint, tokenizer,
+               init_style (gpt | pytorch), init_std, dropout (residual, training only)
     stage:     1 | 2 | 3 -> which parameters train (STAGE_PARAMS) and the default schedule (STAGE_LR)
     data:      train / eval manifests (JSONL) with sampling weights, task mixture weights, features
     optim:     lr, min_lr, warmup_steps, steps (cosine), weight_decay, betas, eps, grad_clip,
@@ -11,7 +11,8 @@
     dtype, device, strategy (auto | ddp | fsdp), checkpoint_every, eval_every, log_every, seed, out_dir
 
 Stages (reference §11.1): 1 trains only the two adapters (LLM and encoders frozen, answers in text);
-2 trains the LLM (`transformer.*`, the tied output head included), adapters frozen, text answers only;
+2 trains the LLM (`transformer.*` and the output head, tied to the table as released or its own with
+`tie_word_embeddings: false`), adapters frozen, text answers only;
 3 trains LLM + adapters on every task with spoken answers and interruption. The encoders (Whisper, CLIP)
 stay frozen throughout: training runs on their cached outputs.
 """
@@ -27,13 +28,15 @@ import yaml
 # name prefixes of the parameters that train in each stage
 STAGE_PARAMS: dict[int, tuple[str, ...]] = {
     1: ("whisper_adapter.", "vision_adapter."),
-    2: ("transformer.",),
-    3: ("transformer.", "whisper_adapter.", "vision_adapter."),
+    2: ("transformer.", "lm_head."),
+    3: ("transformer.", "lm_head.", "whisper_adapter.", "vision_adapter."),
 }
 # (lr, min_lr) per stage: the authors' schedule (reference §11.2, M1#112)
 STAGE_LR: dict[int, tuple[float, float]] = {1: (1e-3, 4e-6), 2: (4e-4, 4e-6), 3: (4e-4, 4e-6)}
 # loss.text_norm: the text CE averaged over text tokens, or per sample first (omnitalk.train.losses)
 TEXT_NORMS = ("token", "sample")
+# model.init_style: how a random model starts (omnitalk.train.loop.init_weights)
+INIT_STYLES = ("gpt", "pytorch")
 
 
 class TrainConfigError(ValueError):
@@ -49,6 +52,9 @@ class ModelSection:
     checkpoint: str | None = None          # init checkpoint: dir with model_config.yaml + lit_model.pth,
                                            # omnitalk.safetensors or state.pt; init qwen2: a HF Qwen2 dir
     tokenizer: str | None = None           # tokenizer.json; None: the checkpoint's, else byte-level
+    init_style: str = "gpt"                # random init: gpt (N(0, init_std) matrices, the scaled table below)
+                                           # | pytorch (each module's own reset: nn.Linear uniform
+                                           # +-1/sqrt(fan_in), the table N(0, 1); init_std unused)
     init_std: float = 0.02                 # random init: N(0, init_std) for every matrix
     embedding_init_std: float | None = None  # random init of the embedding table; None: init_std x the
                                            # number of streams (8): the input is the streams' mean
@@ -145,6 +151,9 @@ class TrainConfig:
             problems.append(f"model.init must be 'random', 'checkpoint' or 'qwen2', got {self.model.init!r}")
         if self.model.init in ("checkpoint", "qwen2") and not self.model.checkpoint:
             problems.append(f"model.init is {self.model.init!r} but model.checkpoint is not set")
+        if self.model.init_style not in INIT_STYLES:
+            problems.append(f"model.init_style must be 'gpt' (N(0, init_std) matrices) or 'pytorch' (PyTorch's "
+                            f"own module init), got {self.model.init_style!r}")
         if not 0.0 <= self.model.dropout < 1.0:
             problems.append(f"model.dropout must be in [0, 1), got {self.model.dropout!r}")
         if self.dtype not in ("fp32", "bf16"):

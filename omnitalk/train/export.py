@@ -2,7 +2,8 @@
 
 Official layout (reference §2.5, §2.7, §9): `lit_model.pth` is `torch.save` of a flat name -> float32 tensor
 dict in module-registration order (whisper_adapter.*, lm_head.weight, vision_adapter.*, transformer.*),
-storing `lm_head.weight` and `transformer.wte.weight` as two separate (here: equal) tensors, next to a
+storing `lm_head.weight` and `transformer.wte.weight` as two separate tensors (equal when the head is tied,
+as released; an untied head's own matrix with `tie_word_embeddings: false`), next to a
 `model_config.yaml` with the released field set (41 fields, released order). The directory is complete
 (loadable by `OmniModel.from_pretrained` and the official `inference.py`) once the encoder / codec /
 tokenizer files sit beside it: pass `assets=` (a checkpoint directory to copy them from).
@@ -57,18 +58,21 @@ def write_model_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
-def lit_state_dict(model_or_sd) -> dict[str, torch.Tensor]:
+def lit_state_dict(model_or_sd, tied: bool = True) -> dict[str, torch.Tensor]:
     """OmniLM (or its state dict, optionally with a 'lm.' prefix from the training wrapper) -> the
-    official flat dict: float32, CPU, contiguous, lm_head.weight a separate copy equal to wte."""
+    official flat dict: float32, CPU, contiguous; lm_head.weight a separate copy equal to wte when `tied`
+    (the release), the model's own head otherwise."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else dict(model_or_sd)
     if all(k.startswith("lm.") for k in sd):
         sd = {k[3:]: v for k, v in sd.items()}
-    wte = sd["transformer.wte.weight"]
+    if not tied and "lm_head.weight" not in sd:
+        raise ValueError("an untied model's state dict has no lm_head.weight (the head of its own)")
+    head = sd["transformer.wte.weight"] if tied else sd["lm_head.weight"]
     out = {}
     order = [k for k in sd if k.startswith("whisper_adapter.")] + ["lm_head.weight"] + \
         [k for k in sd if k.startswith("vision_adapter.")] + [k for k in sd if k.startswith("transformer.")]
     for k in order:
-        v = wte if k == "lm_head.weight" else sd[k]
+        v = head if k == "lm_head.weight" else sd[k]
         v = v.detach().to("cpu", torch.float32)
         out[k] = v.clone() if k == "lm_head.weight" else v.contiguous()
     return out
@@ -89,7 +93,7 @@ def export_lit(model_or_sd, cfg: Config, out_dir: str | Path, assets: str | Path
     save `tokenizer` (a TextTokenizer) as tokenizer.json when `assets` has none. Returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_replacing(out / "lit_model.pth", lit_state_dict(model_or_sd))
+    save_replacing(out / "lit_model.pth", lit_state_dict(model_or_sd, cfg.tie_word_embeddings))
     write_model_config(cfg, out / "model_config.yaml")
     if assets is not None:
         src = Path(assets)

@@ -1,7 +1,8 @@
 """The training loop: `train(cfg) -> Path`.
 
     model      random init of a config-driven model, or a checkpoint's weights (fine-tuning)
-    freezing   per stage (config.STAGE_PARAMS); the tied embedding/head trains with `transformer.*`
+    freezing   per stage (config.STAGE_PARAMS); the tied embedding/head trains with `transformer.*`, an
+               untied head (tie_word_embeddings: false) as `lm_head.`
     data       JSONL manifests -> records -> TrainSamples (sequences.build_sample) with cached encoder
                features; a deterministic plan of global micro-batches per (seed, epoch)
     step       grad_accum micro-batches, each rank its shard, loss normalised by the global token counts,
@@ -63,25 +64,38 @@ def model_config(cfg: TrainConfig) -> Config:
     return Config.from_dict(d)
 
 
-def init_weights(lm, std: float, embedding_std: float | None = None, zero_audio_pad: bool = False) -> None:
-    """GPT-style init for training from scratch: N(0, std) matrices, zero biases; the embedding table
-    N(0, embedding_std) (default: std x the number of streams).
+def init_weights(lm, std: float, embedding_std: float | None = None, zero_audio_pad: bool = False,
+                 style: str = "gpt") -> None:
+    """Init for training from scratch. style 'gpt': N(0, std) matrices, zero biases; the embedding table
+    N(0, embedding_std) (default: std x the number of streams). style 'pytorch': every Linear and the
+    table as PyTorch starts them (reset_parameters: uniform +-1/sqrt(fan_in), the table N(0, 1)); std and
+    embedding_std are not used.
 
     The model's input is the *mean* of its 8 streams' embeddings (reference §5), so a table drawn at the
     matrices' scale enters the residual stream 8x smaller than a GPT's, and its updates too: a small model
     trained from nothing then barely reads its input (measured: a 4-layer model memorises the world's
     arithmetic facts in ~150 steps with the scaled table, and is still at 0.6 nats after 300 without).
     With `zero_audio_pad` the 7 `_pad_a` rows start at zero: on text positions they are the same vector
-    at every position, 7/8 of the input at init, and carry nothing."""
+    at every position, 7/8 of the input at init, and carry nothing.
+
+    The picture lookup of the small world is learnt from PyTorch's start with an untied head and
+    own key/value heads, and not from the gpt start (scripts/probe_lookup.py; docs/training.md)."""
+    if style not in ("gpt", "pytorch"):
+        raise ValueError(f"init style must be 'gpt' or 'pytorch', got {style!r}")
     for mod in lm.modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            if style == "pytorch":
+                mod.reset_parameters()
+                continue
             torch.nn.init.normal_(mod.weight, 0.0, std)
             if getattr(mod, "bias", None) is not None:
                 torch.nn.init.zeros_(mod.bias)
     cfg = lm.cfg
     wte = lm.transformer.wte.weight
     with torch.no_grad():
-        torch.nn.init.normal_(wte, 0.0, embedding_std if embedding_std is not None else std * (cfg.n_audio_layers + 1))
+        if style == "gpt":
+            torch.nn.init.normal_(wte, 0.0, embedding_std if embedding_std is not None
+                                  else std * (cfg.n_audio_layers + 1))
         if zero_audio_pad:
             pad = TokenLayout.from_config(cfg).pad_a
             for j in range(cfg.n_audio_layers):
@@ -136,8 +150,8 @@ def build_model(cfg: TrainConfig, mcfg: Config):
 
     if cfg.model.init in ("random", "qwen2"):
         lm = OmniLM(mcfg)
-        init_weights(lm, cfg.model.init_std, cfg.model.embedding_init_std, cfg.model.zero_audio_pad)
-        lm.lm_head.weight = lm.transformer.wte.weight
+        init_weights(lm, cfg.model.init_std, cfg.model.embedding_init_std, cfg.model.zero_audio_pad,
+                     cfg.model.init_style)
         if cfg.model.init == "qwen2":  # the paper's starting point: Qwen2-0.5B base, vocabulary extended
             hf = _read_hf_dir(Path(cfg.model.checkpoint))
             emb = hf["model.embed_tokens.weight"]
@@ -145,6 +159,8 @@ def build_model(cfg: TrainConfig, mcfg: Config):
             sd = qwen2_to_omni(hf, mcfg)
             with torch.no_grad():
                 lm.transformer.wte.weight[:n] = emb[:n].float()
+                if not mcfg.tie_word_embeddings:  # Qwen2's larger models store their own head; 0.5B ties it
+                    lm.lm_head.weight[:n] = hf.get("lm_head.weight", emb)[:n].float()
                 missing = [k for k, v in sd.items() if lm.state_dict()[k].shape != v.shape]
                 if missing:
                     raise ValueError(f"Qwen2 weights do not fit the model config (e.g. {missing[0]}: "
@@ -164,7 +180,8 @@ def build_model(cfg: TrainConfig, mcfg: Config):
     # own the memory (the checkpoint is memory-mapped) and make the tie explicit
     for p in lm.parameters():
         p.data = p.data.clone()
-    lm.lm_head.weight = lm.transformer.wte.weight
+    if mcfg.tie_word_embeddings:
+        lm.lm_head.weight = lm.transformer.wte.weight
     return lm
 
 
@@ -418,7 +435,8 @@ def save_checkpoint(module, optimizer, step: int, cursor: DataCursor, cfg: Train
 
     opts = _sd_options()
     model_sd = get_model_state_dict(module, options=opts)      # collective under FSDP
-    model_sd.pop("lm.lm_head.weight", None)  # tied to lm.transformer.wte.weight: store it once
+    if mcfg.tie_word_embeddings:
+        model_sd.pop("lm.lm_head.weight", None)  # tied to lm.transformer.wte.weight: store it once
     optim_sd = get_optimizer_state_dict(module, optimizer, options=opts)
     ck = Path(cfg.out_dir) / "checkpoints"
     name = f"step-{step:07d}"
@@ -610,7 +628,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
                 if info.is_main:
                     log.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
             else:
-                expected = {f"lm.{k}" for k in lm.state_dict() if k != "lm_head.weight"}
+                expected = {f"lm.{k}" for k in lm.state_dict()
+                            if not (mcfg.tie_word_embeddings and k == "lm_head.weight")}
                 state = load_checkpoint(ck, module, optimizer, expected)
                 step = int(state["step"])
                 cursor = DataCursor(plan, **state["data"])

@@ -111,6 +111,13 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
     assert cfg["optim"]["lr_scale"] == {"vision_adapter.": 5.0}
     assert cfg["model"]["config"]["head_size"] == 32 and cfg["model"]["config"]["n_query_groups"] == 4
+    assert "tie_word_embeddings" not in cfg["model"]["config"] and cfg["model"]["init_style"] == "gpt"
+    base["model"].update(tie_word_embeddings=False, init_style="pytorch")  # an own head, PyTorch's start
+    cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
+    assert cfg["model"]["config"]["tie_word_embeddings"] is False and cfg["model"]["init_style"] == "pytorch"
+    from omnitalk.train.config import TrainConfig
+    from omnitalk.train.loop import model_config
+    assert model_config(TrainConfig.from_dict(cfg)).tie_word_embeddings is False
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
     rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper",
                    "answer_prefix": "the answer is", "image_layout": "grid"}

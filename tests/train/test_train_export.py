@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -60,6 +61,52 @@ def test_export_official_layout_loads_in_the_engine_with_identical_logits(tmp_pa
         m2 = OmniModel.from_pretrained(dst, device="cpu", download=False)
         got2 = m2.lm(ids)
         assert torch.equal(want[0], got2[0]) and torch.equal(want[1], got2[1])
+
+
+def test_untied_head_exports_loads_and_matches_the_reference_code(tmp_path):
+    """tie_word_embeddings: false: lit_model.pth stores the model's own head, the config says so, and the engine
+    (official layout, ours, int8) and the release's forward pass (omnitalk.testing.reference, which uses the
+    file's lm_head.weight when the config unties it) all answer with that head."""
+    import dataclasses
+
+    from omnitalk.testing.reference import ReferenceLLM
+
+    cfg0, lm0 = _trained_fixture_lm()
+    cfg = dataclasses.replace(cfg0, tie_word_embeddings=False)
+    lm = OmniLM(cfg)
+    sd = {k: v for k, v in lm0.state_dict().items() if k != "lm_head.weight"}
+    sd["lm_head.weight"] = torch.randn_like(lm0.transformer.wte.weight) * 0.05
+    lm.load_state_dict(sd)
+    assert lm.lm_head.weight is not lm.transformer.wte.weight
+    out = export_lit(lm, cfg, tmp_path / "exp", assets=FIX)
+    file = torch.load(out / "lit_model.pth", weights_only=True)
+    assert torch.equal(file["lm_head.weight"], sd["lm_head.weight"])
+    assert not torch.equal(file["lm_head.weight"], file["transformer.wte.weight"])
+    assert yaml.safe_load((out / "model_config.yaml").read_text())["tie_word_embeddings"] is False
+    ids = _ids(cfg)
+    with torch.no_grad():
+        want = lm(ids)
+        assert not torch.allclose(want[0], lm0(ids)[0])  # the head matters: the tied model answers otherwise
+        ref = ReferenceLLM(yaml.safe_load((out / "model_config.yaml").read_text()), file)
+        ref.set_kv_cache(1)
+        ref_audio, ref_text = ref.forward([ids[0, s:s + 1] for s in range(8)], torch.arange(ids.shape[-1]))
+        assert torch.allclose(want[0], ref_text, atol=1e-4)
+        assert torch.allclose(want[1], torch.stack(ref_audio, 2), atol=1e-4)
+        m = OmniModel.from_pretrained(out, device="cpu", download=False)
+        assert torch.equal(m.lm(ids)[0], want[0]) and torch.equal(m.lm(ids)[1], want[1])
+        export_safetensors(out, tmp_path / "ours")  # verify_conversion keeps the stored head
+        m2 = OmniModel.from_pretrained(tmp_path / "ours", device="cpu", download=False)
+        assert torch.equal(m2.lm(ids)[0], want[0])
+        q = OmniModel.from_pretrained(out, device="cpu", mode="int8", download=False).lm
+        assert type(q.lm_head).__name__ == "Int8Linear"
+        got = q(ids)[0]
+        assert float((got - want[0]).abs().max()) < 0.05 * float(want[0].abs().max())
+        ck.convert(out, tmp_path / "int8", mode="int8")  # stored int8 (head and scales) loads as int8
+        q2 = OmniModel.from_pretrained(tmp_path / "int8", device="cpu", mode="int8", download=False).lm
+        assert torch.equal(q2(ids)[0], got)
+    broken = {k: v for k, v in file.items() if k != "lm_head.weight"}
+    with pytest.raises(ck.CheckpointError, match=r"Missing keys: \['lm_head.weight'\]"):
+        ck.load_llm(out, cfg, state_dict=broken)
 
 
 def test_small_vocabulary_model_round_trips(tmp_path):

@@ -15,9 +15,10 @@ import torch
 from omnitalk.train.config import STAGE_LR, TrainConfig, TrainConfigError
 from omnitalk.train.loop import BatchPlan, build_model, load_sources, lr_at, model_config, run
 from omnitalk.train.metrics import read_jsonl
-from test_train_sequences import synthetic, train_config
+from test_train_sequences import MODEL_OVERRIDES, synthetic, train_config
 
 REPO = Path(__file__).resolve().parents[2]
+UNTIED = dict(MODEL_OVERRIDES, tie_word_embeddings=False)  # the tiny model with an output head of its own
 
 
 def _state(path: Path) -> dict:
@@ -86,10 +87,62 @@ def test_random_init_scales_the_embedding_table_and_zeroes_the_audio_pad_rows(tm
     assert float(wte2.std()) == pytest.approx(0.05, rel=0.05) and all(float(wte2[r].abs().max()) > 0 for r in pad_rows)
 
 
-def test_sigterm_checkpoint_and_exact_resume(tmp_path):
+def test_pytorch_init_style_starts_every_module_as_pytorch_does(tmp_path):
+    from omnitalk.tokens import TokenLayout
+
+    cfg = train_config(tmp_path, model=dict(init_style="pytorch", config=dict(UNTIED)))
+    torch.manual_seed(0)
+    lm = build_model(cfg, model_config(cfg))
+    c = lm.cfg
+    wte = lm.transformer.wte.weight.detach()
+    pad_rows = [c.text_vocab_size + j * c.audio_vocab_size + TokenLayout.from_config(c).pad_a
+                for j in range(c.n_audio_layers)]
+    assert all(float(wte[r].abs().max()) == 0.0 for r in pad_rows)  # zero_audio_pad still applies
+    others = torch.ones(wte.shape[0], dtype=torch.bool)
+    others[pad_rows] = False
+    assert float(wte[others].std()) == pytest.approx(1.0, rel=0.05)  # nn.Embedding: N(0, 1)
+    for w in (lm.transformer.h[0].attn.attn.weight, lm.transformer.h[1].mlp.proj.weight, lm.lm_head.weight):
+        w = w.detach()
+        bound = 1 / math.sqrt(w.shape[1])  # nn.Linear: uniform +-1/sqrt(fan_in)
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.95 * bound
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    assert lm.lm_head.weight is not lm.transformer.wte.weight  # the untied head: a matrix of its own
+    with pytest.raises(TrainConfigError, match="model.init_style must be 'gpt' .* or 'pytorch' .*, got 'xavier'"):
+        TrainConfig.from_dict(dict(model=dict(init_style="xavier")))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_untied_head_trains_with_the_llm_and_exports_its_own_matrix(tmp_path, stage):
+    import yaml
+
+    from omnitalk import checkpoint as ck
+    from omnitalk.config import Config
+
+    tasks = ("asr", "image") if stage == 1 else ("qa_speech", "asr", "text")
+    recs, feats = synthetic(2, tasks=tasks)
+    cfg = train_config(tmp_path, stage=stage, optim=dict(lr=1e-2, warmup_steps=1, steps=4),
+                       batch=dict(batch_size=len(recs)), model=dict(init_style="pytorch", config=dict(UNTIED)))
+    res = run(cfg, records=recs, features=feats)
+    before, after = _initial(cfg), _state(res.path)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert ("lm_head.weight" in changed) is (stage == 2)  # trains with the LLM, frozen in stage 1
+    assert not torch.equal(after["lm_head.weight"], after["transformer.wte.weight"])
+    assert yaml.safe_load((res.path / "model_config.yaml").read_text())["tie_word_embeddings"] is False
+    mcfg = Config.from_file(res.path / "model_config.yaml")
+    lm = ck.load_llm(res.path, mcfg)
+    assert lm.lm_head.weight is not lm.transformer.wte.weight
+    assert torch.equal(lm.lm_head.weight, after["lm_head.weight"])
+    h = torch.randn(3, mcfg.n_embd)
+    assert torch.allclose(lm.text_logits(h), h @ after["lm_head.weight"][:mcfg.text_vocab_size].T, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sigterm_checkpoint_and_exact_resume(tmp_path, tied):
     recs, feats = synthetic(2, seed=1)
     over = dict(optim=dict(lr=5e-3, warmup_steps=2, steps=9), batch=dict(batch_tokens=256, grad_accum=2),
                 checkpoint_every=4, keep_checkpoints=2)
+    if not tied:  # the untied head is saved, resumed and exported as its own tensor
+        over["model"] = dict(init_style="pytorch", config=dict(UNTIED))
     straight = run(train_config(tmp_path / "a", **over), records=recs, features=feats)
 
     def kill_at_5(step, row):
@@ -108,6 +161,7 @@ def test_sigterm_checkpoint_and_exact_resume(tmp_path):
     assert list(a) == list(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert torch.equal(a["lm_head.weight"], a["transformer.wte.weight"]) is tied
     ra = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
     rb = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
     assert ra == rb  # the metrics file has each step once, with the same numbers
