@@ -212,6 +212,17 @@ def test_qwen2_init_maps_hugging_face_weights(tmp_path):
         g, s = divmod(h, qpk)
         assert torch.allclose(fused[0, :, g, s], q[0, :, h], atol=1e-5)
         assert torch.allclose(fused[0, :, g, qpk], k[0, :, g], atol=1e-5)
+    # an untied model takes the HF head where the download has one (Qwen2-1.5B and up), else the table
+    untied = dict(tiny_config().to_dict(), tie_word_embeddings=False)
+    head = torch.randn(n, cfg.n_embd)
+    for extra, want in (({}, hf["model.embed_tokens.weight"]), ({"lm_head.weight": head}, head)):
+        save_file({k: v.contiguous() for k, v in {**hf, **extra}.items()}, tmp_path / "qwen" / "model.safetensors")
+        tc = train_config(tmp_path / "run", model=dict(init="qwen2", checkpoint=str(tmp_path / "qwen"),
+                                                       preset=None, config=untied))
+        lm = build_model(tc, model_config(tc))
+        assert lm.lm_head.weight is not lm.transformer.wte.weight
+        assert torch.equal(lm.lm_head.weight[:n], want)
+        assert torch.equal(lm.transformer.wte.weight[:n], src.transformer.wte.weight[:n])
 
 
 def test_lit_state_dict_strips_the_training_wrapper_prefix():
