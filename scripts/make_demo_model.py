@@ -6,7 +6,8 @@
     python scripts/make_demo_model.py runs/demo-piper                 # -> omnitalk/demo_model/
 
 What it writes: the recipe's final export in omnitalk's safetensors layout (`omnitalk.safetensors` with
-the LLM, its adapters and the CTC head in int8 or fp32, the Whisper and CLIP encoders; `model_config.yaml`,
+the LLM, its adapters and the CTC head in int8 or fp32, the Whisper and CLIP encoders in fp32 or fp16;
+`model_config.yaml`,
 `tokenizer.json`), the codec as `snac/config.json` + `snac/model.safetensors` (float16 weights by
 default, loaded into float32), the bundled question
 (`question.wav`: "what color is the circle", espeak-ng in a voice setting held out of training, 16 kHz)
@@ -80,6 +81,22 @@ def halve_codec(folder: Path) -> None:
     save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(path))
 
 
+def halve_encoders(folder: Path) -> None:
+    """Store the Whisper and CLIP encoders of our safetensors file in float16 (the engine loads them into
+    float32 and runs them so); the LLM part and the file's metadata stay as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from omnitalk.checkpoint import OURS
+
+    path = folder / OURS
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v.half() if k.startswith(("whisper.", "clip.")) and v.is_floating_point() else v
+               for k, v in sd.items()}, str(path), metadata=meta)
+
+
 def check_same_codes(run_codec: Path, codec: Path) -> None:
     """A codec shipped with a model must give every audio the codes the model was trained on: its encoder
     and codebooks must equal the run's (`train_part: decoder` keeps them)."""
@@ -131,7 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path, help="a train_small.py output folder (report.json, stage3/final)")
     ap.add_argument("--out", type=Path, default=ROOT / "omnitalk" / "demo_model")
     ap.add_argument("--mode", choices=("fp32", "int8"), default="int8",
-                    help="how the LLM and adapters are stored (the encoders stay fp32)")
+                    help="how the LLM and adapters are stored")
+    ap.add_argument("--encoder-dtype", choices=("fp32", "fp16"), default="fp32",
+                    help="how the Whisper and CLIP encoders are stored (fp16: half the bytes; loaded into fp32 "
+                         "and run so)")
     ap.add_argument("--codec-dtype", choices=("fp32", "fp16"), default="fp16",
                     help="how the codec's weights are stored (default fp16: it is loaded into fp32 and runs so)")
     ap.add_argument("--max-mb", type=float, default=40.0)
@@ -153,6 +173,8 @@ def main(argv=None) -> int:
     tmp = args.out.with_name(args.out.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
     ckpt_io.convert(final, tmp, mode=args.mode)
+    if args.encoder_dtype == "fp16":
+        halve_encoders(tmp)
     shutil.rmtree(tmp / "snac", ignore_errors=True)
     copy_codec(final / "snac", tmp / "snac")
     if args.codec is not None:
@@ -172,6 +194,7 @@ def main(argv=None) -> int:
     total = size_mb(tmp)
     card = {
         "name": "omnitalk-demo", "source_run": str(args.run), "llm_storage": args.mode,
+        "encoder_storage": args.encoder_dtype,
         "size_mb": round(total, 1), "files_mb": {str(f.relative_to(tmp)): round(f.stat().st_size / 1e6, 2)
                                                   for f in sorted(tmp.rglob("*")) if f.is_file()},
         "parameters": {"llm": n_weights(model.lm), "whisper": n_weights(model.whisper),

@@ -133,3 +133,34 @@ def test_make_demo_model_picks_the_stop_detector_that_measured_better(tmp_path):
     assert mk.choose_stop_detector({"summary": both}, commands) == "asr"
     both.update(asr_stop_f1=0.59, asr_stop_false_rate=0.30)
     assert mk.choose_stop_detector({"summary": both}, commands) == "listening"
+
+
+def test_make_demo_model_can_store_the_encoders_in_half(tmp_path):
+    """--encoder-dtype fp16: whisper.* and clip.* in float16 on disk, the LLM as it was; the engine loads the
+    encoders into float32 with the rounded values and the file keeps its metadata."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from omnitalk import checkpoint as ck
+    from omnitalk.engine import OmniModel
+
+    fix = Path(__file__).resolve().parent / "fixtures" / "parity" / "checkpoint"
+    ck.convert(fix, tmp_path)
+    with safe_open(str(tmp_path / ck.OURS), "pt") as f:
+        before, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    _make_demo_script().halve_encoders(tmp_path)
+    with safe_open(str(tmp_path / ck.OURS), "pt") as f:
+        after = {k: f.get_tensor(k) for k in f.keys()}
+        assert f.metadata() == meta
+    assert set(after) == set(before)
+    for k, v in after.items():
+        if k.startswith(("whisper.", "clip.")) and before[k].is_floating_point():
+            assert v.dtype == torch.float16 and torch.equal(v, before[k].half()), k
+        else:
+            assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    m = OmniModel.from_pretrained(tmp_path, device="cpu", download=False)
+    assert {p.dtype for p in m.whisper.parameters()} == {torch.float32}
+    w = dict(m.whisper.named_parameters())["conv1.weight"]
+    assert torch.equal(w, before["whisper.conv1.weight"].half().float())
+    assert {p.dtype for p in m.clip.parameters()} == {torch.float32}
