@@ -101,23 +101,28 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     base = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", None)
     assert base["stage0"]["audio"]["steps"] == 6000 and base["stages"][3]["steps"] == 6000
     assert "follow_text" not in base["stages"][3]
-    # a stage's lr_scale reaches its train config (measured with 4 heads, not adopted: docs/training.md)
+    from omnitalk.train.config import TrainConfig
+    from omnitalk.train.loop import model_config
+
+    # the recipe's model: 4 heads with their own keys/values, its own output head, PyTorch's start, and the
+    # extra pictures; the demo presets keep the model and world the shipped demo was trained with
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "world.json").write_text(json.dumps({"vocab_size": 82}))
     cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
-    assert cfg["optim"]["lr_scale"] == {} and cfg["model"]["config"]["head_size"] == 64
+    assert cfg["model"]["config"]["head_size"] == 32 and cfg["model"]["config"]["n_query_groups"] == 4
+    assert cfg["model"]["config"]["tie_word_embeddings"] is False and cfg["model"]["init_style"] == "pytorch"
+    assert model_config(TrainConfig.from_dict(cfg)).tie_word_embeddings is False
+    assert {"path": str(tmp_path / "w" / "pictures.jsonl"), "weight": 0.1} in cfg["data"]["train"]
+    demo = ts.stage_config(rc, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
+    assert demo["model"]["config"]["head_size"] == 64 and demo["model"]["config"]["n_query_groups"] == 1
+    assert "tie_word_embeddings" not in demo["model"]["config"] and demo["model"]["init_style"] == "gpt"
+    assert model_config(TrainConfig.from_dict(demo)).tie_word_embeddings is True
+    assert [Path(e["path"]).name for e in demo["data"]["train"]] == ["train.jsonl", "interrupt_train.jsonl"]
+    # a stage's lr_scale reaches its train config (measured with 4 heads, not adopted: docs/training.md)
+    assert cfg["optim"]["lr_scale"] == {}
     base["stages"][3]["lr_scale"] = {"vision_adapter.": 5.0}
-    base["model"].update(n_head=4, n_query_groups=4)
     cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
     assert cfg["optim"]["lr_scale"] == {"vision_adapter.": 5.0}
-    assert cfg["model"]["config"]["head_size"] == 32 and cfg["model"]["config"]["n_query_groups"] == 4
-    assert "tie_word_embeddings" not in cfg["model"]["config"] and cfg["model"]["init_style"] == "gpt"
-    base["model"].update(tie_word_embeddings=False, init_style="pytorch")  # an own head, PyTorch's start
-    cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
-    assert cfg["model"]["config"]["tie_word_embeddings"] is False and cfg["model"]["init_style"] == "pytorch"
-    from omnitalk.train.config import TrainConfig
-    from omnitalk.train.loop import model_config
-    assert model_config(TrainConfig.from_dict(cfg)).tie_word_embeddings is False
     rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
     rc["world"] = {"n_train": 4, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "answer_synth": "piper",
                    "answer_prefix": "the answer is", "image_layout": "grid"}
