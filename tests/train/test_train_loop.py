@@ -65,19 +65,25 @@ def test_loss_falls_and_stage_freezing(tmp_path, stage):
         assert flag is (stage == 3)
 
 
-def test_random_init_scales_the_embedding_table_and_zeroes_the_audio_pad_rows(tmp_path):
+def _random_start(cfg):
+    """A freshly initialised model, its embedding table, the 7 `_pad_a` rows and a mask of the other rows."""
     from omnitalk.tokens import TokenLayout
 
-    cfg = train_config(tmp_path, model=dict(init_std=0.02))
     torch.manual_seed(0)
     lm = build_model(cfg, model_config(cfg))
     c = lm.cfg
     wte = lm.transformer.wte.weight.detach()
     pad_rows = [c.text_vocab_size + j * c.audio_vocab_size + TokenLayout.from_config(c).pad_a
                 for j in range(c.n_audio_layers)]
-    assert all(float(wte[r].abs().max()) == 0.0 for r in pad_rows)
     others = torch.ones(wte.shape[0], dtype=torch.bool)
     others[pad_rows] = False
+    return lm, wte, pad_rows, others
+
+
+def test_random_init_scales_the_embedding_table_and_zeroes_the_audio_pad_rows(tmp_path):
+    lm, wte, pad_rows, others = _random_start(train_config(tmp_path, model=dict(init_std=0.02)))
+    c = lm.cfg
+    assert all(float(wte[r].abs().max()) == 0.0 for r in pad_rows)
     # the input is the mean of 8 streams: the table is drawn 8x wider than the matrices
     assert float(wte[others].std()) == pytest.approx(0.02 * (c.n_audio_layers + 1), rel=0.05)
     assert float(lm.transformer.h[0].attn.attn.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
@@ -88,18 +94,9 @@ def test_random_init_scales_the_embedding_table_and_zeroes_the_audio_pad_rows(tm
 
 
 def test_pytorch_init_style_starts_every_module_as_pytorch_does(tmp_path):
-    from omnitalk.tokens import TokenLayout
-
-    cfg = train_config(tmp_path, model=dict(init_style="pytorch", config=dict(UNTIED)))
-    torch.manual_seed(0)
-    lm = build_model(cfg, model_config(cfg))
-    c = lm.cfg
-    wte = lm.transformer.wte.weight.detach()
-    pad_rows = [c.text_vocab_size + j * c.audio_vocab_size + TokenLayout.from_config(c).pad_a
-                for j in range(c.n_audio_layers)]
+    lm, wte, pad_rows, others = _random_start(train_config(tmp_path, model=dict(init_style="pytorch",
+                                                                             config=dict(UNTIED))))
     assert all(float(wte[r].abs().max()) == 0.0 for r in pad_rows)  # zero_audio_pad still applies
-    others = torch.ones(wte.shape[0], dtype=torch.bool)
-    others[pad_rows] = False
     assert float(wte[others].std()) == pytest.approx(1.0, rel=0.05)  # nn.Embedding: N(0, 1)
     for w in (lm.transformer.h[0].attn.attn.weight, lm.transformer.h[1].mlp.proj.weight, lm.lm_head.weight):
         w = w.detach()
