@@ -37,7 +37,7 @@ from omnitalk.config import Config, preset as make_preset
 from omnitalk.model.whisper import speech_positions
 from omnitalk.tokens import TokenLayout
 from omnitalk.train import dist as D
-from omnitalk.train.config import TrainConfig
+from omnitalk.train.config import INIT_STYLES, TrainConfig
 from omnitalk.train.losses import TrainModule, combine_sums, count_targets
 from omnitalk.train.metrics import MetricsWriter
 from omnitalk.train.sequences import (Batch, RecordError, TrainSample, build_sample, collate, follow_text_copies,
@@ -78,10 +78,10 @@ def init_weights(lm, std: float, embedding_std: float | None = None, zero_audio_
     With `zero_audio_pad` the 7 `_pad_a` rows start at zero: on text positions they are the same vector
     at every position, 7/8 of the input at init, and carry nothing.
 
-    The picture lookup of the small world is learnt from PyTorch's start with an untied head and
-    own key/value heads, and not from the gpt start (scripts/probe_lookup.py; docs/training.md)."""
-    if style not in ("gpt", "pytorch"):
-        raise ValueError(f"init style must be 'gpt' or 'pytorch', got {style!r}")
+    The small recipe starts 'pytorch' with an untied head: its picture lookup was not learnt from the
+    'gpt' start with the tied head (scripts/probe_lookup.py and full runs, docs/training.md)."""
+    if style not in INIT_STYLES:
+        raise ValueError(f"init style must be one of {INIT_STYLES}, got {style!r}")
     for mod in lm.modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
             if style == "pytorch":
