@@ -292,32 +292,43 @@ def make_world_dir(out: Path, rc: dict, assets: Path, seed: int) -> Path:
 
 
 def pictures_key(rc: dict) -> dict | None:
-    """The recipe's `world.pictures: {n, weight}`, checked; None when absent or n is 0."""
+    """The recipe's `world.pictures: {n, weight, spoken}` (spoken optional, default 0), checked; None when
+    absent or n is 0."""
     p = rc["world"].get("pictures")
     if p is None:
         return None
-    if not isinstance(p, dict) or set(p) != {"n", "weight"} or not isinstance(p["n"], int) or p["n"] < 0 \
-            or not isinstance(p["weight"], (int, float)) or p["weight"] <= 0:
-        raise SystemExit(f"recipe key world.pictures must be {{n: pictures >= 0, weight: > 0}} "
-                         f"(e.g. {{n: 20000, weight: 0.1}}), got {p!r}")
-    return p if p["n"] else None
+    if not isinstance(p, dict) or not {"n", "weight"} <= set(p) <= {"n", "weight", "spoken"} \
+            or not isinstance(p["n"], int) or p["n"] < 0 or not isinstance(p["weight"], (int, float)) \
+            or p["weight"] <= 0 or not isinstance(p.get("spoken", 0), (int, float)) \
+            or not 0 <= p.get("spoken", 0) <= 1:
+        raise SystemExit(f"recipe key world.pictures must be {{n: pictures >= 0, weight: > 0, spoken: share in "
+                         f"[0, 1] (optional)}} (e.g. {{n: 20000, weight: 0.1}}), got {p!r}")
+    return {"spoken": 0, **p} if p["n"] else None
 
 
 def make_pictures_step(world: Path, rc: dict, seed: int) -> Path | None:
-    """`world.pictures: {n, weight}`: n more written picture questions on distinct scenes
-    (world.make_pictures, `<world>/pictures.jsonl`; skipped when it exists with n records)."""
-    from omnitalk.train.world import make_pictures
+    """`world.pictures: {n, weight, spoken}`: n more picture questions on distinct scenes, the share `spoken`
+    of them asked aloud with the world's own recordings of the phrasing (world.make_pictures,
+    `<world>/pictures.jsonl`; skipped when it exists with n records and the same spoken share, which
+    `pictures.json` records)."""
+    from omnitalk.train.world import make_pictures, spoken_recordings
 
     p = pictures_key(rc)
     if p is None:
         return None
-    path = world / "pictures.jsonl"
-    if path.is_file() and sum(1 for line in path.read_text().splitlines() if line.strip()) == p["n"]:
+    path, stamp = world / "pictures.jsonl", world / "pictures.json"
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {"spoken": 0}  # before the stamp: written only
+    if path.is_file() and sum(1 for line in path.read_text().splitlines() if line.strip()) == p["n"] \
+            and done.get("spoken") == p["spoken"]:
         return path
     meta = json.loads((world / "world.json").read_text())
-    return make_pictures(world, p["n"], seed, held_out_fraction=meta["held_out_fraction"],
-                         image_size=meta["image_size"], image_layout=meta["image_layout"],
-                         answer_prefix=meta.get("answer_prefix", ""), progress=rc.get("progress", True))
+    recordings = spoken_recordings(world / "train.jsonl") if p["spoken"] else None
+    out = make_pictures(world, p["n"], seed, held_out_fraction=meta["held_out_fraction"],
+                        image_size=meta["image_size"], image_layout=meta["image_layout"],
+                        answer_prefix=meta.get("answer_prefix", ""), spoken=p["spoken"], recordings=recordings,
+                        progress=rc.get("progress", True))
+    stamp.write_text(json.dumps({"n": p["n"], "spoken": p["spoken"]}) + "\n")
+    return out
 
 
 def prepare_features(world: Path, assets: Path, progress: bool, pictures: Path | None = None) -> dict:

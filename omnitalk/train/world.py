@@ -595,18 +595,39 @@ def make_world(out_dir, n_train: int, n_eval: int, synth: Synth | None = None, s
     return info
 
 
+def spoken_recordings(manifest) -> dict[str, list[str]]:
+    """{question text: [audio paths]}: the recordings of a world's spoken picture questions (kinds ia2t,
+    ia2a) in `manifest` (a world's train.jsonl), by what they say; paths absolute."""
+    from omnitalk.train.data import read_manifest
+
+    out: dict[str, list[str]] = {}
+    for r in read_manifest(manifest):
+        if r.get("kind") in ("ia2t", "ia2a") and r.get("question_audio") and r.get("question_transcript"):
+            out.setdefault(r["question_transcript"], []).append(str(Path(r["question_audio"]).resolve()))
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
 def make_pictures(out_dir, n: int, seed: int = 0, *, held_out_fraction: float = 0.15, image_size: int = 224,
                   image_layout: str = "free", answer_prefix: str = "", families: Sequence[str] | None = None,
+                  spoken: float = 0.0, recordings: dict[str, list[str]] | None = None,
                   progress: bool = True) -> Path:
     """`n` more written picture questions (kind it2t) for the training side of the world in `out_dir`:
     the training phrasings, each on a freshly drawn scene, in `<out_dir>/pictures.jsonl` (ids
     `pic-NNNNNN-it2t`, images in `images/`). A picture costs milliseconds and no synthesis, so a world can
     have many more distinct scenes than spoken records; the world's own records stay as they were (a
     separate manifest, seeded apart from them), so a stage 0 trained on the world still applies.
-    `families`: the picture families to ask (default: count, color and shape)."""
+    `families`: the picture families to ask (default: count, color and shape). `spoken`: the share of the
+    pictures whose question is asked aloud instead (kind ia2t, ids `pic-NNNNNN-ia2t`) with one of the
+    world's own `recordings` of the same phrasing (`spoken_recordings`; no synthesis): the scenes stay the
+    draw they are without it."""
     from tqdm.auto import tqdm
 
     check_image_layout(image_layout)
+    if not 0.0 <= spoken <= 1.0:
+        raise ValueError(f"spoken is a share of the pictures in [0, 1], got {spoken!r}")
+    if spoken and not recordings:
+        raise ValueError("spoken pictures need the world's recordings of its picture questions (spoken_recordings "
+                         "of its train.jsonl); this world has none")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     pool = _Pools(seed, held_out_fraction, held=False).image
@@ -623,9 +644,14 @@ def make_pictures(out_dir, n: int, seed: int = 0, *, held_out_fraction: float = 
         image, answer = image_question(family, key, question, image_size, rng, image_layout)
         ipath = out / "images" / f"{rid}.png"
         image.save(ipath, format="PNG")
+        answer = with_prefix(answer, answer_prefix)
+        if spoken and recordings.get(question) and rng.random() < spoken:  # drawn after the scene: it stays
+            records.append(make_record(f"pic-{i:06d}-ia2t", "qa", question_audio=rng.choice(recordings[question]),
+                                       question_image=str(ipath.resolve()), answer_text=answer, speak=False,
+                                       kind="ia2t", split="train", family=family, question_transcript=question))
+            continue
         records.append(make_record(rid, "qa", question_text=question, question_image=str(ipath.resolve()),
-                                   answer_text=with_prefix(answer, answer_prefix), speak=False, kind="it2t",
-                                   split="train", family=family))
+                                   answer_text=answer, speak=False, kind="it2t", split="train", family=family))
     return write_manifest(records, out / "pictures.jsonl")
 
 

@@ -165,9 +165,20 @@ def test_recipe_pictures_join_the_training_data(tmp_path):
         assert {"path": str(world / "pictures.jsonl"), "weight": 0.25} in train
     rc["world"]["pictures"] = {"n": 8, "weight": 0.25}  # another n: drawn again
     assert len(read_manifest(ts.make_pictures_step(world, rc, 0))) == 8
-    for bad in ({"n": 8}, {"n": -1, "weight": 0.1}, {"n": 8, "weight": 0}, 8):
+    # spoken: that share asked aloud with the world's recordings of its picture questions (another share: drawn again)
+    rc["world"]["pictures"] = {"n": 300, "weight": 0.25, "spoken": 1.0}  # the tiny world recorded few phrasings
+    spoken = read_manifest(ts.make_pictures_step(world, rc, 0))
+    assert len(spoken) == 300 and json.loads((world / "pictures.json").read_text()) == {"n": 300, "spoken": 1.0}
+    heard = {str(Path(r["question_audio"]).resolve()) for r in read_manifest(world / "train.jsonl")
+             if r["kind"] in ("ia2t", "ia2a")}
+    asked = [r for r in spoken if r["kind"] == "ia2t"]
+    assert len(asked) >= 3 and all(str(Path(r["question_audio"]).resolve()) in heard for r in asked)
+    assert all(r["kind"] == "it2t" for r in spoken if r not in asked)  # phrasings the tiny world never recorded
+    assert ts.prepare_features(world, assets, False, world / "pictures.jsonl")["audio"]["misses"] == 0
+    for bad in ({"n": 8}, {"n": -1, "weight": 0.1}, {"n": 8, "weight": 0}, 8, {"n": 8, "weight": 0.1, "spoken": 2},
+                {"n": 8, "weight": 0.1, "talk": 1}):
         rc["world"]["pictures"] = bad
-        with pytest.raises(SystemExit, match="world.pictures must be \\{n: pictures >= 0, weight: > 0\\}"):
+        with pytest.raises(SystemExit, match="world.pictures must be \\{n: pictures >= 0, weight: > 0, spoken: share"):
             ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)
     rc["world"]["pictures"] = {"n": 0, "weight": 0.1}  # none asked for
     assert ts.make_pictures_step(world, rc, 0) is None

@@ -327,6 +327,44 @@ def test_make_pictures_adds_distinct_training_scenes_without_touching_the_world(
         W.make_pictures(tmp_path / "d", 2, image_layout="spiral")
 
 
+def test_spoken_pictures_reuse_the_worlds_recordings_of_the_same_phrasing(tmp_path):
+    """make_pictures(spoken=share): that share of the extra pictures asks its question aloud with one of the
+    world's own recordings of that phrasing (kind ia2t, no synthesis); the scenes are the written draw's."""
+    from omnitalk.train.data import make_record, write_manifest
+
+    train_q = sorted({q for _, _, q in W._Pools(0, 0.15, held=False).image})
+    (tmp_path / "w" / "audio").mkdir(parents=True)
+    world = []
+    for i, q in enumerate(train_q * 2):  # two recordings of every training phrasing, and a record to skip
+        (tmp_path / "w" / "audio" / f"q{i}.wav").write_bytes(b"")
+        world.append(make_record(f"r{i}-ia2a", "qa", question_audio=str(tmp_path / "w" / "audio" / f"q{i}.wav"),
+                                 question_image=None, answer_text="red", speak=False,
+                                 kind="ia2a" if i % 2 else "ia2t", question_transcript=q))
+    world.append(make_record("x-a2t", "qa", question_audio=str(tmp_path / "w" / "audio" / "q0.wav"),
+                             answer_text="five", speak=False, kind="a2t", question_transcript="what is two plus three"))
+    write_manifest(world, tmp_path / "w" / "train.jsonl")
+    rec = W.spoken_recordings(tmp_path / "w" / "train.jsonl")
+    assert sorted(rec) == train_q and all(len(v) == 2 for v in rec.values())  # the a2t record is not a picture's
+    written = read_manifest(W.make_pictures(tmp_path / "a", 200, seed=0, progress=False))
+    mixed = read_manifest(W.make_pictures(tmp_path / "b", 200, seed=0, spoken=0.5, recordings=rec, progress=False))
+    spoken = [r for r in mixed if r["kind"] == "ia2t"]
+    assert 70 <= len(spoken) <= 130 and all(r["kind"] == "it2t" for r in mixed if r not in spoken)
+    for w, m in zip(written, mixed):
+        assert m["answer_text"] == w["answer_text"] and m["family"] == w["family"]  # the same scene and question
+        assert (tmp_path / "b" / "images" / f"{w['id']}.png").read_bytes() == \
+            (tmp_path / "a" / "images" / f"{w['id']}.png").read_bytes()
+        if m["kind"] == "ia2t":
+            assert m["id"] == w["id"].replace("-it2t", "-ia2t") and m["question_text"] is None
+            assert m["question_transcript"] == w["question_text"]
+            assert str((tmp_path / "b" / m["question_audio"]).resolve()) in rec[w["question_text"]]
+    assert all(r["kind"] == "ia2t" for r in read_manifest(
+        W.make_pictures(tmp_path / "c", 20, seed=0, spoken=1.0, recordings=rec, progress=False)))
+    with pytest.raises(ValueError, match="spoken pictures need the world's recordings"):
+        W.make_pictures(tmp_path / "d", 2, spoken=0.5, recordings={})
+    with pytest.raises(ValueError, match=r"spoken is a share of the pictures in \[0, 1\], got 1.5"):
+        W.make_pictures(tmp_path / "d", 2, spoken=1.5, recordings=rec)
+
+
 def test_text_vocab_size_leaves_room_for_the_64_specials_in_multiples_of_64():
     assert [W.text_vocab_size(n) for n in (1, 64, 65, 82, 128)] == [128, 128, 192, 192, 192]
     tok = W.build_tokenizer(W.world_words())
