@@ -70,31 +70,32 @@ def copy_codec(src: Path, dst: Path) -> None:
         save_file({k: v.contiguous() for k, v in sd.items()}, dst / "model.safetensors")
 
 
+def halve(path: Path, prefixes: tuple[str, ...] = ("",)) -> None:
+    """Rewrite the safetensors file at `path` with its floating tensors whose names start with one of
+    `prefixes` in float16 (the rest and the file's metadata as they are)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v.half() if k.startswith(prefixes) and v.is_floating_point() else v
+               for k, v in sd.items()}, str(path), metadata=meta)
+
+
 def halve_codec(folder: Path) -> None:
     """Store the codec's weights in float16 (half the bytes; `Codec.from_pretrained` loads them into the
     float32 model, so it runs in float32 as trained; the rounding moves its decoded audio by ~1e-3 of
     full scale)."""
-    from safetensors.torch import load_file, save_file
-
-    path = folder / "model.safetensors"
-    sd = load_file(str(path))
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(path))
+    halve(folder / "model.safetensors")
 
 
 def halve_encoders(folder: Path) -> None:
     """Store the Whisper and CLIP encoders of our safetensors file in float16 (the engine loads them into
     float32 and runs them so); the LLM part and the file's metadata stay as they are."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from omnitalk.checkpoint import OURS
 
-    path = folder / OURS
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    save_file({k: v.half() if k.startswith(("whisper.", "clip.")) and v.is_floating_point() else v
-               for k, v in sd.items()}, str(path), metadata=meta)
+    halve(folder / OURS, ("whisper.", "clip."))
 
 
 def check_same_codes(run_codec: Path, codec: Path) -> None:
