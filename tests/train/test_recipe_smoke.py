@@ -94,18 +94,19 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     assert rc["world"]["answer_synth"] == "piper" and rc["world"]["n_train"] == 6784
     assert rc["world"]["image_layout"] == "grid" and rc["world"]["eval_mix"]["it2t"] == 516
     assert rc["codec"] == "runs/codec-piper-answers/final" and rc["world"]["answer_prefix"] == "the answer is"
-    assert rc["stages"][3]["follow_text"] == 0.3 and rc["stages"][3]["steps"] == 4000  # merged into stage 3
-    # the demo keeps the stage lengths it was shipped with; the recipe itself trains stages 0 and 3 longer
-    assert rc["stage0"]["audio"]["steps"] == 2500 and rc["stage0"]["vision"]["steps"] == 1000
+    assert rc["stages"][3]["follow_text"] == 0.3 and rc["stages"][3]["steps"] == 6000  # merged into stage 3
+    # the demo trains the recipe's stages and model; only the `demo` preset keeps the one-word demo's
+    assert rc["stage0"]["audio"]["steps"] == 6000 and rc["stage0"]["vision"]["steps"] == 1000
     assert rc["stages"][3]["lr"] == 2.0e-3 and rc["stages"][2]["steps"] == 900
     base = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", None)
     assert base["stage0"]["audio"]["steps"] == 6000 and base["stages"][3]["steps"] == 6000
     assert "follow_text" not in base["stages"][3]
+    old = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "demo")
     from omnitalk.train.config import TrainConfig
     from omnitalk.train.loop import model_config
 
     # the recipe's model: 4 heads with their own keys/values, its own output head, PyTorch's start, and the
-    # extra pictures; the demo presets keep the model and world the shipped demo was trained with
+    # extra pictures, in the demo too; the `demo` preset keeps the model and world of the one-word demo
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "world.json").write_text(json.dumps({"vocab_size": 82}))
     cfg = ts.stage_config(base, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
@@ -114,10 +115,13 @@ def test_recipe_answers_in_the_piper_voice(tmp_path):
     assert model_config(TrainConfig.from_dict(cfg)).tie_word_embeddings is False
     assert {"path": str(tmp_path / "w" / "pictures.jsonl"), "weight": 0.1} in cfg["data"]["train"]
     demo = ts.stage_config(rc, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
-    assert demo["model"]["config"]["head_size"] == 64 and demo["model"]["config"]["n_query_groups"] == 1
-    assert "tie_word_embeddings" not in demo["model"]["config"] and demo["model"]["init_style"] == "gpt"
-    assert model_config(TrainConfig.from_dict(demo)).tie_word_embeddings is True
-    assert [Path(e["path"]).name for e in demo["data"]["train"]] == ["train.jsonl", "interrupt_train.jsonl"]
+    assert demo["model"] == cfg["model"] and demo["data"]["train"] == cfg["data"]["train"]
+    assert demo["data"]["follow_text"] == 0.3 and cfg["data"]["follow_text"] == 0.0
+    one_word = ts.stage_config(old, 3, tmp_path / "w", tmp_path / "a", tmp_path / "o", None)
+    assert one_word["model"]["config"]["head_size"] == 64 and one_word["model"]["config"]["n_query_groups"] == 1
+    assert "tie_word_embeddings" not in one_word["model"]["config"] and one_word["model"]["init_style"] == "gpt"
+    assert model_config(TrainConfig.from_dict(one_word)).tie_word_embeddings is True
+    assert [Path(e["path"]).name for e in one_word["data"]["train"]] == ["train.jsonl", "interrupt_train.jsonl"]
     # a stage's lr_scale reaches its train config (measured with 4 heads, not adopted: docs/training.md)
     assert cfg["optim"]["lr_scale"] == {}
     base["stages"][3]["lr_scale"] = {"vision_adapter.": 5.0}
@@ -184,3 +188,4 @@ def test_recipe_pictures_join_the_training_data(tmp_path):
     assert ts.make_pictures_step(world, rc, 0) is None
     train = ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)["data"]["train"]
     assert [Path(e["path"]).name for e in train] == ["train.jsonl", "interrupt_train.jsonl"]
+
