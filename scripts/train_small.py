@@ -20,7 +20,8 @@ Steps (each is skipped when its output exists, so a re-run resumes at the first 
   3. features  the frozen encoders' outputs cached once (`omnitalk.train.data.FeatureCache`).
   4. train     stage 1 (adapters only, text answers) -> stage 2 (LLM only, text answers) -> stage 3
                (LLM + adapters, every task with spoken answers, plus interruption); each stage starts from
-               the previous one's final export (`model.init: checkpoint`).
+               the previous one's final export (`model.init: checkpoint`). With `stage0.llm` a pass of
+               the LLM and the vision adapter over the typed questions comes first (`<out>/stage0_llm`).
   5. eval      the exported model through the engine (`OmniModel.from_pretrained`): ASR WER, QA exact
                match (spoken and visual), first-codebook match of spoken answers, interruption
                F1 / false interruptions / reaction delay, on held-out data.
@@ -374,6 +375,9 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
 
 
 def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> dict:
+    """Stage 1, 2 or 3 of the recipe, or "llm": stage 0's written-questions pass of the LLM (`llm_stage`)."""
+    if stage == "llm":
+        return llm_stage_config(rc, world, assets, out)
     s = rc["stages"][stage]
     train = [{"path": str(world / "train.jsonl"), "weight": 1.0}]
     pictures = pictures_key(rc)
@@ -402,50 +406,114 @@ def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, ini
     }
 
 
-def run_stage(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> Path:
-    """Train one stage; returns its exported model folder. A stage with `max_minutes` stops at the first
-    step boundary past that wall time (through the loop's SIGTERM path, which saves a checkpoint) and
-    is exported from that checkpoint: the recipe keeps to its time budget on a loaded machine."""
+# The LLM's part of stage 0 (recipe key `stage0.llm`): the LLM and the vision adapter learn the world's
+# *written* questions (typed arithmetic t2t, typed picture questions it2t and the extra pictures) before
+# stage 1, so that stage 1 aligns the speech adapter to an LLM that already reads the world, as the
+# paper's stage 1 aligns it to a pre-trained Qwen2 (our small LLM starts random).
+LLM_STAGE_PARAMS = ["transformer.", "lm_head.", "vision_adapter."]
+LLM_STAGE_KEYS = {"steps", "max_minutes", "lr", "min_lr", "warmup_steps", "batch_size"}
+
+
+def llm_stage_key(rc: dict) -> dict | None:
+    """The recipe's `stage0.llm: {steps, max_minutes, lr, min_lr, warmup_steps, batch_size}`, checked; None
+    when absent."""
+    s = (rc.get("stage0") or {}).get("llm")
+    if s is None:
+        return None
+    if not isinstance(s, dict) or not {"steps", "lr"} <= set(s) <= LLM_STAGE_KEYS:
+        raise SystemExit(f"recipe key stage0.llm must be a mapping with steps and lr (and optionally "
+                         f"{', '.join(sorted(LLM_STAGE_KEYS - {'steps', 'lr'}))}), e.g. {{steps: 600, lr: 3.0e-3, "
+                         f"max_minutes: 3}}; got {s!r}")
+    return s
+
+
+def written_manifests(world: Path, pictures: Path | None) -> list[dict]:
+    """The training records whose question is typed (no question audio; tasks text and qa) as manifests
+    beside the world's own (`written.jsonl`, `pictures-written.jsonl`, rewritten on every call), with
+    the weights the stages give their sources."""
+    out = []
+    for src, dst, weight in [(world / "train.jsonl", world / "written.jsonl", 1.0),
+                             (pictures, world / "pictures-written.jsonl", None)]:
+        if src is None:
+            continue
+        keep = []
+        for line in src.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r.get("question_audio") is None and r.get("task") in ("text", "qa"):
+                    keep.append(line)
+        dst.write_text("".join(k + "\n" for k in keep))
+        out.append({"path": str(dst), "weight": weight})
+    return out
+
+
+def llm_stage_config(rc: dict, world: Path, assets: Path, out: Path) -> dict:
+    s = llm_stage_key(rc)
+    pictures = pictures_key(rc)
+    train = written_manifests(world, world / "pictures.jsonl" if pictures else None)
+    for t in train:
+        t["weight"] = t["weight"] or pictures["weight"]
+    spec = {"min_lr": s["lr"] / 10, "warmup_steps": 40, "batch_size": 48, **s}
+    d = stage_config({**rc, "stages": {2: spec}}, 2, world, assets, out, None)
+    d["data"]["train"], d["data"]["tasks"], d["eval_every"] = train, None, 0
+    d["train_params"] = LLM_STAGE_PARAMS
+    d["out_dir"] = str(out / stage_name("llm"))
+    return d
+
+
+def run_stage(rc: dict, stage: int | str, world: Path, assets: Path, out: Path, init: Path | None) -> Path:
+    """Train one stage (1, 2, 3 or "llm", stage 0's written-questions pass of the LLM); returns its exported
+    model folder. A stage with `max_minutes` stops at the first step boundary past that wall time (through
+    the loop's SIGTERM path, which saves a checkpoint) and is exported from that checkpoint: the recipe
+    keeps to its time budget on a loaded machine."""
     import signal
 
     from omnitalk.train.config import TrainConfig
     from omnitalk.train.export import export_checkpoint
     from omnitalk.train.loop import run
 
-    final = out / f"stage{stage}" / "final"
+    name = stage_name(stage)
+    final = out / name / "final"
     if (final / "lit_model.pth").is_file():
         return final
     d = stage_config(rc, stage, world, assets, out, init)
-    (out / f"stage{stage}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
     cfg = TrainConfig.from_dict(d)
-    budget = rc["stages"][stage].get("max_minutes")
+    budget = (llm_stage_key(rc) if stage == "llm" else rc["stages"][stage]).get("max_minutes")
     t0, fired = time.perf_counter(), []
 
     def guard(step, row):
         if budget and not fired and time.perf_counter() - t0 > budget * 60:
             fired.append(step)
-            log.warning("stage %d: %.1f-minute budget reached at step %d; stopping", stage, budget, step)
+            log.warning("stage %s: %.1f-minute budget reached at step %d; stopping", stage, budget, step)
             os.kill(os.getpid(), signal.SIGTERM)
 
     res = run(cfg, callbacks=[guard])
     if res.stopped:
         export_checkpoint(res.path, final, assets=assets)
-        (out / f"stage{stage}" / "stopped_at.json").write_text(json.dumps({"step": res.step, "of": cfg.optim.steps}))
+        (out / name / "stopped_at.json").write_text(json.dumps({"step": res.step, "of": cfg.optim.steps}))
         return final
     return res.path
 
 
-def plot_stage(out: Path, stage: int) -> Path | None:
+def stage_name(stage: int | str) -> str:
+    """The folder (and timing row) of a stage: stage1..stage3, stage0_llm for stage 0's LLM part."""
+    return "stage0_llm" if stage == "llm" else f"stage{stage}"
+
+
+def plot_stage(out: Path, stage: int | str) -> Path | None:
     """Loss curves (train text / audio CE, held-out CE) of one stage (omnitalk.train.metrics.plot_metrics:
     matplotlib when installed, else Pillow)."""
     from omnitalk.train.metrics import plot_metrics
 
-    f = out / f"stage{stage}" / "metrics.jsonl"
+    f = out / stage_name(stage) / "metrics.jsonl"
     if not f.is_file():
         return None
-    names = {1: "adapters only", 2: "LLM, text answers", 3: "LLM + adapters, speech + interruption"}
+    names = {1: "stage 1, adapters only", 2: "stage 2, LLM, text answers",
+             3: "stage 3, LLM + adapters, speech + interruption", "llm": "stage 0, LLM + vision adapter, written questions"}
     try:
-        return plot_metrics(f, out / f"loss_stage{stage}.png", title=f"small recipe, stage {stage} ({names[stage]})")
+        return plot_metrics(f, out / f"loss_{stage_name(stage)}.png", title=f"small recipe, {names[stage]}")
     except ValueError:
         return None
 
@@ -595,14 +663,16 @@ def main(argv=None) -> int:
     if stage0 is not None:  # stage 0's own record when it ran in an earlier invocation
         train_wall += max(T.rows["train_stage0"]["wall_s"], stage0.get("wall_s", 0.0))
         train_cpu += max(T.rows["train_stage0"]["cpu_s"], stage0.get("cpu_s", 0.0))
+    if llm_stage_key(rc) and stages[:1] == [1]:  # stage 0's LLM part: the written questions, before stage 1
+        stages = ["llm"] + stages
     for st in stages:
-        timing = out / f"stage{st}" / "timing.json"
-        with T(f"train_stage{st}"):
+        timing = out / stage_name(st) / "timing.json"
+        with T(f"train_{stage_name(st)}"):
             init = run_stage(rc, st, world, assets, out, init)
-        row = T.rows[f"train_stage{st}"]
+        row = T.rows[f"train_{stage_name(st)}"]
         if timing.is_file():  # trained by an earlier invocation: its time, not this skip's
             done = json.loads(timing.read_text())
-            row = T.rows[f"train_stage{st}"] = {k: max(v, done[k]) for k, v in row.items()}
+            row = T.rows[f"train_{stage_name(st)}"] = {k: max(v, done[k]) for k, v in row.items()}
         else:  # trained now: keep its time for the report of a later re-run
             timing.write_text(json.dumps(row))
         train_wall += row["wall_s"]
@@ -628,8 +698,8 @@ def main(argv=None) -> int:
         d = Path(args.docs_img)
         d.mkdir(parents=True, exist_ok=True)
         for st in stages:
-            if (out / f"loss_stage{st}.png").is_file():
-                shutil.copyfile(out / f"loss_stage{st}.png", d / f"small-loss-stage{st}.png")
+            if (out / f"loss_{stage_name(st)}.png").is_file():
+                shutil.copyfile(out / f"loss_{stage_name(st)}.png", d / f"small-loss-{stage_name(st)}.png")
     print(json.dumps({"summary": report.get("summary"), "met": report.get("met"), "timing": report["timing"]},
                      indent=2))
     return 0

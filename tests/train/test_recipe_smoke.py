@@ -189,3 +189,44 @@ def test_recipe_pictures_join_the_training_data(tmp_path):
     train = ts.stage_config(rc, 3, world, assets, tmp_path / "o", None)["data"]["train"]
     assert [Path(e["path"]).name for e in train] == ["train.jsonl", "interrupt_train.jsonl"]
 
+
+def test_recipe_stage0_llm_reads_the_written_questions_first(tmp_path):
+    """stage0.llm: before stage 1 the LLM and the vision adapter learn the world's typed questions (t2t, it2t,
+    the written extra pictures; nothing with question audio), so that stage 1 aligns the speech adapter to
+    an LLM that reads; stage 1 then starts from its export. Anything but {steps, lr, ...} is refused."""
+    import yaml
+
+    from omnitalk.train.config import TrainConfig
+
+    ts = _recipe()
+    rc = ts.load_recipe(ROOT / "configs" / "small-recipe.yaml", "smoke")
+    rc["progress"] = False
+    rc["world"] = {"n_train": 24, "n_eval": 2, "n_interrupt_train": 0, "n_interrupt_eval": 0, "image_layout": "grid",
+                   "pictures": {"n": 40, "weight": 0.25, "spoken": 0.5}}
+    assets = ts.make_assets(tmp_path / "assets", rc, 0)
+    world = ts.make_world_dir(tmp_path / "world", rc, assets, 0)
+    pictures = ts.make_pictures_step(world, rc, 0)
+    ts.prepare_features(world, assets, False, pictures)
+    rc["stage0"]["llm"] = {"steps": 3, "lr": 1.0e-3, "warmup_steps": 1, "batch_size": 4}
+    final = ts.run_stage(rc, "llm", world, assets, tmp_path / "o", None)
+    assert final == tmp_path / "o" / "stage0_llm" / "final" and (final / "lit_model.pth").is_file()
+    d = yaml.safe_load((tmp_path / "o" / "stage0_llm.yaml").read_text())
+    assert TrainConfig.from_dict(d).trainable_prefixes == ("transformer.", "lm_head.", "vision_adapter.")
+    assert d["model"]["init"] == "random" and d["optim"]["steps"] == 3 and d["optim"]["min_lr"] == 1.0e-4
+    assert [(Path(t["path"]).name, t["weight"]) for t in d["data"]["train"]] == \
+        [("written.jsonl", 1.0), ("pictures-written.jsonl", 0.25)]
+    for t, src in zip(d["data"]["train"], [world / "train.jsonl", pictures]):
+        got = read_manifest(t["path"])
+        want = [r for r in read_manifest(src) if r["question_audio"] is None and r["task"] in ("text", "qa")]
+        assert [r["id"] for r in got] == [r["id"] for r in want] and got
+        assert {r["kind"] for r in got} <= {"t2t", "it2t"}
+    assert any(r["question_audio"] for r in read_manifest(pictures))  # the spoken pictures were left out
+    rows = [r for r in _rows(tmp_path / "o" / "stage0_llm" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 3
+    # stage 1 starts from it
+    s1 = ts.stage_config(rc, 1, world, assets, tmp_path / "o", final)
+    assert s1["model"]["init"] == "checkpoint" and s1["model"]["checkpoint"] == str(final)
+    for bad in ({"steps": 3}, {"steps": 3, "lr": 1e-3, "epochs": 2}, 3):
+        rc["stage0"]["llm"] = bad
+        with pytest.raises(SystemExit, match="recipe key stage0.llm must be a mapping with steps and lr"):
+            ts.stage_config(rc, "llm", world, assets, tmp_path / "o", None)
