@@ -375,7 +375,7 @@ def model_section(rc: dict, world: Path, init: Path | None) -> dict:
 
 
 def stage_config(rc: dict, stage: int, world: Path, assets: Path, out: Path, init: Path | None) -> dict:
-    """Stage 1, 2 or 3 of the recipe, or "llm": stage 0's written-questions pass of the LLM (`llm_stage`)."""
+    """Stage 1, 2 or 3 of the recipe, or "llm": stage 0's written-questions pass of the LLM (`llm_stage_config`)."""
     if stage == "llm":
         return llm_stage_config(rc, world, assets, out)
     s = rc["stages"][stage]
@@ -511,7 +511,8 @@ def plot_stage(out: Path, stage: int | str) -> Path | None:
     if not f.is_file():
         return None
     names = {1: "stage 1, adapters only", 2: "stage 2, LLM, text answers",
-             3: "stage 3, LLM + adapters, speech + interruption", "llm": "stage 0, LLM + vision adapter, written questions"}
+             3: "stage 3, LLM + adapters, speech + interruption",
+             "llm": "stage 0, LLM + vision adapter, written questions"}
     try:
         return plot_metrics(f, out / f"loss_{stage_name(stage)}.png", title=f"small recipe, {names[stage]}")
     except ValueError:
