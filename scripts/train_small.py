@@ -427,32 +427,22 @@ def llm_stage_key(rc: dict) -> dict | None:
     return s
 
 
-def written_manifests(world: Path, pictures: Path | None) -> list[dict]:
-    """The training records whose question is typed (no question audio; tasks text and qa) as manifests
-    beside the world's own (`written.jsonl`, `pictures-written.jsonl`, rewritten on every call), with
-    the weights the stages give their sources."""
-    out = []
-    for src, dst, weight in [(world / "train.jsonl", world / "written.jsonl", 1.0),
-                             (pictures, world / "pictures-written.jsonl", None)]:
-        if src is None:
-            continue
-        keep = []
-        for line in src.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r.get("question_audio") is None and r.get("task") in ("text", "qa"):
-                    keep.append(line)
-        dst.write_text("".join(k + "\n" for k in keep))
-        out.append({"path": str(dst), "weight": weight})
-    return out
+def written_manifest(src: Path, dst: Path) -> Path:
+    """The records of the manifest `src` whose question is typed (no question audio; tasks text and qa),
+    written to `dst` beside it (rewritten on every call)."""
+    from omnitalk.train.data import read_manifest, write_manifest
+
+    return write_manifest([r for r in read_manifest(src, check_files=False)
+                           if r["question_audio"] is None and r["task"] in ("text", "qa")], dst)
 
 
 def llm_stage_config(rc: dict, world: Path, assets: Path, out: Path) -> dict:
     s = llm_stage_key(rc)
+    train = [{"path": str(written_manifest(world / "train.jsonl", world / "written.jsonl")), "weight": 1.0}]
     pictures = pictures_key(rc)
-    train = written_manifests(world, world / "pictures.jsonl" if pictures else None)
-    for t in train:
-        t["weight"] = t["weight"] or pictures["weight"]
+    if pictures:  # the typed ones of the extra pictures, at their weight
+        train.append({"path": str(written_manifest(world / "pictures.jsonl", world / "pictures-written.jsonl")),
+                      "weight": pictures["weight"]})
     spec = {"min_lr": s["lr"] / 10, "warmup_steps": 40, "batch_size": 48, **s}
     d = stage_config({**rc, "stages": {2: spec}}, 2, world, assets, out, None)
     d["data"]["train"], d["data"]["tasks"], d["eval_every"] = train, None, 0
