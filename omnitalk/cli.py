@@ -111,6 +111,9 @@ def add_chat(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
+    p.add_argument("--no-audio-grammar", dest="audio_grammar", action="store_false",
+                   help="sample the speech as the release does, without keeping the delay pattern (an audio "
+                        "special inside a frame then ends the speech; default: only SNAC codes inside frames)")
     p.add_argument("--strategy", choices=("pair", "single"), default="pair",
                    help="pair: the release's batch-parallel decoding (default); single: one 8-stream sequence")
     p.add_argument("--stream-mode", choices=("context", "reference"), default="context",
@@ -135,7 +138,7 @@ def run_chat(args) -> int:
         raise FileNotFoundError(f"output directory does not exist: {out.parent}")
     if args.max_tokens < 1:
         raise InputError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed, args.audio_grammar)
 
     t0 = time.perf_counter()
     model = _load_model(args)

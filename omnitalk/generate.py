@@ -24,11 +24,20 @@ from omnitalk.tokens import TokenLayout
 
 @dataclass
 class Sampling:
-    """temperature 0 (or top_k 1) = greedy. The release's defaults (0.9, top_k 1) are greedy too."""
+    """temperature 0 (or top_k 1) = greedy. The release's defaults (0.9, top_k 1) are greedy too.
+
+    audio_grammar: the spoken answer keeps the delay pattern (reference §7.3). From step j+1 until its
+    `_eoa`, audio layer j may emit only SNAC codes, and `_eoa` only on layer 0, on layer 6 (whose `_eoa`
+    ends the answer, as in the release) or once layer j-1 has ended. A special id inside a frame would
+    otherwise make the release index past the SNAC codebook (reference Q8) and costs omnitalk the rest of
+    the answer's speech. A model that keeps the pattern by itself samples exactly as without it;
+    False is the release's unconstrained loop.
+    """
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float = 1.0
     seed: int | None = None
+    audio_grammar: bool = True
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -93,6 +102,17 @@ class StepRules:
         n_audio = layout.n_audio_layers
         self.offsets = torch.tensor([layout.audio_offset(j) for j in range(n_audio)], device=device)
         self.pad_audio = self.offsets + layout.pad_a                     # (7,) absolute `_pad_a`
+        # the delay grammar (Sampling.audio_grammar): from step j+1 until its `_eoa`, layer j emits SNAC codes;
+        # `_eoa` only on layer 0, on layer 6 (the release's stop rule) or once layer j-1 has ended
+        self.grammar = sampling.audio_grammar
+        special = torch.zeros(layout.audio_vocab_size, dtype=torch.bool, device=device)  # (Va,)
+        special[layout.codebook_size:] = True
+        self.no_special = torch.stack([special, special.clone().index_fill_(0, torch.tensor(layout.eoa, device=device),
+                                                                            False)])  # (2, Va): [codes, codes+eoa]
+        self.first_step = torch.arange(n_audio, device=device) + 1       # (7,) layer j's first code: step j+1
+        self.ended = torch.zeros(n_audio, dtype=torch.bool, device=device)  # (7,) layer j emitted `_eoa`
+        self.free_end = torch.zeros(n_audio, dtype=torch.bool, device=device)
+        self.free_end[[0, n_audio - 1]] = True
         self.inputs = torch.empty(self.B, layout.n_streams, 1, dtype=torch.long, device=device)
         self.k = 0              # steps recorded so far
         self.text_end = False   # `_eot` recorded: later text is forced to `_pad_t`
@@ -113,6 +133,10 @@ class StepRules:
             self.inputs[0, :n_audio, 0] = self.pad_audio
         else:
             a_logits = lm.audio_logits(h[0])                                # (7, Va), item 0
+            if self.grammar:
+                speaking = (self.first_step <= k) & ~self.ended                 # (7,)
+                may_end = self.free_end | torch.cat([self.ended.new_zeros(1), self.ended[:-1]])
+                a_logits = a_logits.masked_fill(speaking[:, None] & self.no_special[may_end.long()], float("-inf"))
             t_logits = lm.text_logits(h[self.B - 1:self.B])                 # (1, Vt), item 1 in a pair
             audio = sample(a_logits, self.sampling, self.gen)               # (7,) local ids
             text = int(sample(t_logits, self.sampling, self.gen)[0])
@@ -124,6 +148,7 @@ class StepRules:
                     return None
                 if text == L.eot:
                     self.text_end = True
+            self.ended |= audio == L.eoa
             step = Step(text, audio.tolist(), _margins(a_logits) + _margins(t_logits) if self.margins else None)
             self.inputs[0, :n_audio, 0] = audio + self.offsets
             if self.mode == "pair":

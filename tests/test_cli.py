@@ -166,3 +166,31 @@ def test_whisper_window_option(capsys):
     assert code == 0, err
     code, out, err = run(capsys, "chat", "--whisper-window", "half", *TEXT)
     assert code == 2 and "invalid choice: 'half'" in err
+
+
+def test_audio_grammar_keeps_the_speech_of_a_model_that_breaks_the_delay_pattern(capsys, tmp_path, monkeypatch):
+    """A model whose layer 3 prefers `_pad_a` everywhere: by default layer 3 speaks its best SNAC code from
+    step 4 on and the answer has speech; with --no-audio-grammar (the release's loop) the first frame holds
+    the pad, so there is no speech to write (the release would index past the SNAC codebook there)."""
+    load = cli._load_model
+
+    def breaks_layer3(args):
+        model = load(args)
+        lm, pad = model.lm, model.layout.pad_a
+        audio_logits = lm.audio_logits
+
+        def logits(h):  # (7, Va) with layer 3's `_pad_a` far ahead
+            out = audio_logits(h).clone()
+            out[3, pad] += 1e4
+            return out
+        lm.audio_logits = logits
+        return model
+
+    monkeypatch.setattr(cli, "_load_model", breaks_layer3)
+    argv = ["chat", "--checkpoint", CKPT, "--device", "cpu", "--text", "Hi", "--max-tokens", 24]
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "a.wav")
+    assert code == 0, err
+    assert sf.info(str(tmp_path / "a.wav")).frames > 0 and "audio" in err
+    code, out, err = run(capsys, *argv, "--out", tmp_path / "b.wav", "--no-audio-grammar")
+    assert code == 0 and "no audio produced" in err
+    assert not (tmp_path / "b.wav").exists()

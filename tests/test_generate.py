@@ -56,11 +56,11 @@ A = [1, 2, 3, 4, 5, 6, 7]
 EOA6 = [1, 2, 3, 4, 5, 6, L.eoa]
 
 
-def run(script, mode, max_tokens=50, prompts=None):
+def run(script, mode, max_tokens=50, prompts=None, sampling=Sampling()):
     lm = ScriptedLM(script)
     prompts = prompts or ([P.text_prompt(L, [5], speak=True), P.text_prompt(L, [5], speak=False)]
                           if mode == "pair" else [P.text_prompt(L, [5], speak=mode == "speech")])
-    steps = list(decode(lm, L, prompts, [], mode, max_tokens))
+    steps = list(decode(lm, L, prompts, [], mode, max_tokens, sampling))
     return steps, lm
 
 
@@ -88,6 +88,26 @@ def test_speech_loop_step0_rules():
     # step 0 is always recorded: its eoa does not stop, its eot does not start the forcing
     steps, _ = run([(L.eot, EOA6), (11, A), (12, EOA6)], "speech")
     assert [s.text for s in steps] == [L.eot, 11]
+
+
+def test_audio_grammar_keeps_specials_out_of_frames():
+    """A model that breaks the delay pattern — `_pad_a` on layer 3 at its first code step, a stray `_eoa` on
+    layer 2 while layer 1 still speaks — samples its best SNAC code there instead (the scripted logits tie at
+    0 elsewhere, so code 0), and the fed-back ids follow. Layer 0's `_eoa`, then layer 1's, stay allowed."""
+    P_, E = L.pad_a, L.eoa
+    pre = [P_] * 7
+    script = [(10, pre), (11, [1, P_, P_, P_, P_, P_, P_]), (12, [1, 2, P_, P_, P_, P_, P_]),
+              (13, [1, 2, 3, P_, P_, P_, P_]), (14, [1, 2, 3, P_, P_, P_, P_]),   # layer 3: `_pad_a` at step 4
+              (15, [1, 2, E, 4, 5, P_, P_]),                                      # layer 2: `_eoa` at step 5
+              (16, [E, 2, 3, 4, 5, 6, P_]), (17, [P_, E, 3, 4, 5, 6, 7]), (18, [P_, P_, E, 4, 5, 6, 7])]
+    steps, lm = run(script, "speech", max_tokens=9)
+    audio = [s.audio for s in steps]
+    assert audio[4] == [1, 2, 3, 0, P_, P_, P_]
+    assert audio[5] == [1, 2, 0, 4, 5, P_, P_]
+    assert audio[6:] == [[E, 2, 3, 4, 5, 6, P_], [P_, E, 3, 4, 5, 6, 7], [P_, P_, E, 4, 5, 6, 7]]
+    assert lm.fed[5][0, 3, 0] == L.shift(0, 3)   # the code, not the model's `_pad_a`, is fed back
+    raw, _ = run(script, "speech", max_tokens=9, sampling=Sampling(audio_grammar=False))
+    assert [s.audio for s in raw] == [a for _, a in script]   # the release's loop records them as sampled
 
 
 def test_pair_feeds_item0_audio_and_item1_pad_with_the_same_text():
