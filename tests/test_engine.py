@@ -36,6 +36,21 @@ def test_every_task_runs(model):
             assert reply.waveform.shape == (len(reply.frames) * 2048,)
 
 
+def test_default_sampling_records_the_release_tokens(model):
+    """The fixture's speech tasks keep the delay pattern, so the audio grammar (on by default) changes no
+    token: the default loop records exactly the official implementation's tokens."""
+    from omnitalk.testing.parity import TASKS
+
+    prompt = (FIX / "inputs" / "prompt.txt").read_text().strip()
+    for name in ("T1A2", "A1A2", "AA_AT_batch", "ImageQA_batch"):
+        how = TASKS[name]
+        req = model.request(audio=WAV if how.get("audio") else None, image=IMG if how.get("image") else None,
+                            text=prompt if how.get("text") else None, reply="speech", strategy=how["strategy"])
+        steps = list(model.steps(req, 48))
+        tokens = np.array([[s.audio[j] for s in steps] for j in range(7)] + [[s.text for s in steps]])
+        np.testing.assert_array_equal(tokens, np.load(FIX / "expected" / name / "tokens.npy"), err_msg=name)
+
+
 def test_batch_text_equals_text_only_answer(model):
     """The pair's text comes from the text-only branch: same words as the A1T2 task."""
     pair = model.generate(audio=WAV, max_tokens=48)

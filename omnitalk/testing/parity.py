@@ -22,6 +22,7 @@ import torch
 from omnitalk import audio as audio_io
 from omnitalk import vision
 from omnitalk.engine import ChunkAssembler, OmniModel, Request
+from omnitalk.generate import Sampling
 from omnitalk.model.whisper import encode as whisper_encode
 
 # task folder -> how the official loops were asked (inputs and decoding strategy)
@@ -160,7 +161,7 @@ def check_task(model: OmniModel, req: Request, d: Path, name: str, max_tokens: i
         e = np.load(p)
         out.append(close(f"{name}/prefill_logits.npz[text]", text.numpy(), e["text"], 1e-4, relative=True))
         out.append(close(f"{name}/prefill_logits.npz[audio]", audio.numpy(), e["audio"], 1e-4, relative=True))
-    steps = list(model.steps(req, max_tokens, margins=True))
+    steps = list(model.steps(req, max_tokens, Sampling(audio_grammar=False), margins=True))  # the release's loop
     if req.speaks:
         tokens = np.array([[s.audio[j] for s in steps] for j in range(7)] + [[s.text for s in steps]]).reshape(8, -1)
         margins = np.array([s.margins for s in steps], np.float32).T.reshape(8, -1)
