@@ -105,13 +105,14 @@ class StepRules:
         # the delay grammar (Sampling.audio_grammar): from step j+1 until its `_eoa`, layer j emits SNAC codes;
         # `_eoa` only on layer 0, on layer 6 (the release's stop rule) or once layer j-1 has ended
         self.grammar = sampling.audio_grammar
-        special = torch.zeros(layout.audio_vocab_size, dtype=torch.bool, device=device)  # (Va,)
-        special[layout.codebook_size:] = True
-        self.no_special = torch.stack([special, special.clone().index_fill_(0, torch.tensor(layout.eoa, device=device),
-                                                                            False)])  # (2, Va): [codes, codes+eoa]
+        codes_only = torch.zeros(layout.audio_vocab_size, dtype=torch.bool, device=device)  # (Va,) True = masked
+        codes_only[layout.codebook_size:] = True
+        codes_or_eoa = codes_only.clone()
+        codes_or_eoa[layout.eoa] = False
+        self.masks = torch.stack([codes_only, codes_or_eoa])             # (2, Va), row: may the layer end now
         self.first_step = torch.arange(n_audio, device=device) + 1       # (7,) layer j's first code: step j+1
-        self.ended = torch.zeros(n_audio, dtype=torch.bool, device=device)  # (7,) layer j emitted `_eoa`
-        self.free_end = torch.zeros(n_audio, dtype=torch.bool, device=device)
+        self.ended = torch.zeros(n_audio, dtype=torch.bool, device=device)  # (7,) layer j emitted its `_eoa`
+        self.free_end = torch.zeros(n_audio, dtype=torch.bool, device=device)  # (7,) layers 0 and 6
         self.free_end[[0, n_audio - 1]] = True
         self.inputs = torch.empty(self.B, layout.n_streams, 1, dtype=torch.long, device=device)
         self.k = 0              # steps recorded so far
@@ -136,7 +137,7 @@ class StepRules:
             if self.grammar:
                 speaking = (self.first_step <= k) & ~self.ended                 # (7,)
                 may_end = self.free_end | torch.cat([self.ended.new_zeros(1), self.ended[:-1]])
-                a_logits = a_logits.masked_fill(speaking[:, None] & self.no_special[may_end.long()], float("-inf"))
+                a_logits = a_logits.masked_fill(speaking[:, None] & self.masks[may_end.long()], float("-inf"))
             t_logits = lm.text_logits(h[self.B - 1:self.B])                 # (1, Vt), item 1 in a pair
             audio = sample(a_logits, self.sampling, self.gen)               # (7,) local ids
             text = int(sample(t_logits, self.sampling, self.gen)[0])
@@ -148,7 +149,7 @@ class StepRules:
                     return None
                 if text == L.eot:
                     self.text_end = True
-            self.ended |= audio == L.eoa
+            self.ended |= (audio == L.eoa) & (self.first_step <= k)         # a pre-delay `_eoa` ends nothing
             step = Step(text, audio.tolist(), _margins(a_logits) + _margins(t_logits) if self.margins else None)
             self.inputs[0, :n_audio, 0] = audio + self.offsets
             if self.mode == "pair":

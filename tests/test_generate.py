@@ -92,16 +92,19 @@ def test_speech_loop_step0_rules():
 
 def test_audio_grammar_keeps_specials_out_of_frames():
     """A model that breaks the delay pattern — `_pad_a` on layer 3 at its first code step, a stray `_eoa` on
-    layer 2 while layer 1 still speaks — samples its best SNAC code there instead (the scripted logits tie at
-    0 elsewhere, so code 0), and the fed-back ids follow. Layer 0's `_eoa`, then layer 1's, stay allowed."""
+    layer 2 while layer 1 still speaks, `_pad_a` on layer 1 after an `_eoa` before its delay — samples its best
+    SNAC code there instead (the scripted logits tie at 0 elsewhere, so code 0), and the fed-back ids
+    follow. Pre-delay steps are free; layer 0's `_eoa`, then layer 1's, stay allowed."""
     P_, E = L.pad_a, L.eoa
     pre = [P_] * 7
-    script = [(10, pre), (11, [1, P_, P_, P_, P_, P_, P_]), (12, [1, 2, P_, P_, P_, P_, P_]),
-              (13, [1, 2, 3, P_, P_, P_, P_]), (14, [1, 2, 3, P_, P_, P_, P_]),   # layer 3: `_pad_a` at step 4
+    script = [(10, pre), (11, [1, E, P_, P_, P_, P_, P_]),                       # layer 1: pre-delay `_eoa`
+              (12, [1, 2, P_, P_, P_, P_, P_]), (13, [1, P_, 3, P_, P_, P_, P_]),   # ... ends nothing
+              (14, [1, 2, 3, P_, P_, P_, P_]),                                      # layer 3: `_pad_a` at step 4
               (15, [1, 2, E, 4, 5, P_, P_]),                                      # layer 2: `_eoa` at step 5
               (16, [E, 2, 3, 4, 5, 6, P_]), (17, [P_, E, 3, 4, 5, 6, 7]), (18, [P_, P_, E, 4, 5, 6, 7])]
     steps, lm = run(script, "speech", max_tokens=9)
     audio = [s.audio for s in steps]
+    assert audio[1] == [1, E, P_, P_, P_, P_, P_] and audio[3] == [1, 0, 3, P_, P_, P_, P_]
     assert audio[4] == [1, 2, 3, 0, P_, P_, P_]
     assert audio[5] == [1, 2, 0, 4, 5, P_, P_]
     assert audio[6:] == [[E, 2, 3, 4, 5, 6, P_], [P_, E, 3, 4, 5, 6, 7], [P_, P_, E, 4, 5, 6, 7]]
