@@ -142,7 +142,7 @@ def load_llm(ckpt: Path, cfg: Config, device="cpu", mode: str = "fp32", state_di
     tied_equal = None if head is None else bool(torch.equal(head, sd["transformer.wte.weight"]))
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     sd = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() and not stored_int8 else v.to(device)
-          for k, v in sd.items() if not (tied and k == "lm_head.weight")}
+          for k, v in sd.items() if not unused_head(k, tied)}
     lm.load_state_dict(sd, strict=False, assign=True)
     if tied and not stored_int8:
         lm.lm_head.weight = lm.transformer.wte.weight
@@ -153,6 +153,12 @@ def load_llm(ckpt: Path, cfg: Config, device="cpu", mode: str = "fp32", state_di
         fp32_norms(lm)
     lm = lm.eval().requires_grad_(False)
     return quantize_lm(lm, mode) if mode == "int8" and not stored_int8 else lm
+
+
+def unused_head(name: str, tied: bool) -> bool:
+    """`lm_head.weight` of a tied model: the head is `transformer.wte.weight` itself, so no copy of it is
+    stored or read (a release file's copy is ignored, as the release's loader overwrites it: quirk Q3)."""
+    return tied and name == "lm_head.weight"
 
 
 # ---- our safetensors layout -------------------------------------------------------------------
@@ -173,7 +179,7 @@ def convert(src: str | Path, dst: str | Path, mode: str = "fp32") -> Path:
     whisper = load_whisper_encoder(src / "small.pt")
     clip = load_clip_vision(next(src / f for f in CLIP_FILES if (src / f).is_file()))
     tensors = {f"llm.{k}": v for k, v in lm.state_dict().items()
-               if not (cfg.tie_word_embeddings and k == "lm_head.weight") and v is not None}
+               if not unused_head(k, cfg.tie_word_embeddings) and v is not None}
     tensors |= {f"whisper.{k}": v for k, v in whisper.state_dict().items()}
     tensors |= {f"clip.{k}": v for k, v in clip.state_dict().items()}
     dst.mkdir(parents=True, exist_ok=True)
@@ -197,7 +203,7 @@ def source_tensors(src: str | Path) -> dict[str, torch.Tensor]:
     src = Path(src)
     tied = Config.from_file(src / "model_config.yaml").tie_word_embeddings
     out = {f"llm.{k}": v for k, v in read_torch_file(src / "lit_model.pth").items()
-           if not (tied and k == "lm_head.weight")}  # the release ties the head to wte; its stored head is unused
+           if not unused_head(k, tied)}
     whisper = read_torch_file(src / "small.pt")
     out |= {f"whisper.{k[len('encoder.'):]}": v for k, v in whisper["model_state_dict"].items()
             if k.startswith("encoder.")}

@@ -628,8 +628,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, records: list[dict] | None = 
                 if info.is_main:
                     log.warning("--resume: no checkpoint in %s; starting from step 0", out / "checkpoints")
             else:
-                expected = {f"lm.{k}" for k in lm.state_dict()
-                            if not (mcfg.tie_word_embeddings and k == "lm_head.weight")}
+                from omnitalk.checkpoint import unused_head
+                expected = {f"lm.{k}" for k in lm.state_dict() if not unused_head(k, mcfg.tie_word_embeddings)}
                 state = load_checkpoint(ck, module, optimizer, expected)
                 step = int(state["step"])
                 cursor = DataCursor(plan, **state["data"])
