@@ -104,7 +104,6 @@ class StepRules:
         self.pad_audio = self.offsets + layout.pad_a                     # (7,) absolute `_pad_a`
         # the delay grammar (Sampling.audio_grammar): from step j+1 until its `_eoa`, layer j emits SNAC codes;
         # `_eoa` only on layer 0, on layer 6 (the release's stop rule) or once layer j-1 has ended
-        self.grammar = sampling.audio_grammar
         codes_only = torch.zeros(layout.audio_vocab_size, dtype=torch.bool, device=device)  # (Va,) True = masked
         codes_only[layout.codebook_size:] = True
         codes_or_eoa = codes_only.clone()
@@ -134,7 +133,7 @@ class StepRules:
             self.inputs[0, :n_audio, 0] = self.pad_audio
         else:
             a_logits = lm.audio_logits(h[0])                                # (7, Va), item 0
-            if self.grammar:
+            if self.sampling.audio_grammar:
                 speaking = (self.first_step <= k) & ~self.ended                 # (7,)
                 may_end = self.free_end | torch.cat([self.ended.new_zeros(1), self.ended[:-1]])
                 a_logits = a_logits.masked_fill(speaking[:, None] & self.masks[may_end.long()], float("-inf"))

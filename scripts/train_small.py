@@ -657,13 +657,14 @@ def main(argv=None) -> int:
     if llm_stage_key(rc) and stages[:1] == [1]:  # stage 0's LLM part: the written questions, before stage 1
         stages = ["llm"] + stages
     for st in stages:
+        key = f"train_{stage_name(st)}"
         timing = out / stage_name(st) / "timing.json"
-        with T(f"train_{stage_name(st)}"):
+        with T(key):
             init = run_stage(rc, st, world, assets, out, init)
-        row = T.rows[f"train_{stage_name(st)}"]
+        row = T.rows[key]
         if timing.is_file():  # trained by an earlier invocation: its time, not this skip's
             done = json.loads(timing.read_text())
-            row = T.rows[f"train_{stage_name(st)}"] = {k: max(v, done[k]) for k, v in row.items()}
+            row = T.rows[key] = {k: max(v, done[k]) for k, v in row.items()}
         else:  # trained now: keep its time for the report of a later re-run
             timing.write_text(json.dumps(row))
         train_wall += row["wall_s"]
